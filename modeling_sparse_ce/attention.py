@@ -1,0 +1,32 @@
+"""One dispatch table of attention functions sharing one signature.
+
+Schlatt et al., ECIR 2024, Section 3.4. Every backend takes packed ``query, key, value`` of shape
+``[tokens, heads, head_dim]`` (order ``cls | query | doc`` from :class:`SegmentLayout`), the layout and the
+:class:`AttentionPattern`, and returns the packed output plus optional weights ``[batch, heads, seq, seq]``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .attention_dense import dense_attention
+from .attention_windowed import windowed_attention
+from .pattern import AttentionPattern
+
+ATTENTION_FUNCTIONS: dict[str, Callable] = {
+    "dense": dense_attention,
+    "windowed": windowed_attention,
+}
+
+
+def resolve_backend(name: str, pattern: AttentionPattern, output_attentions: bool) -> str:
+    """Pick the backend for ``name`` (``auto`` or a key of :data:`ATTENTION_FUNCTIONS`).
+
+    ``auto``: dense when weights are requested or the pattern is plain full attention (one SDPA call is fastest
+    there), else windowed.
+    """
+    if name == "auto":
+        return "dense" if output_attentions or pattern.is_full else "windowed"
+    if name not in ATTENTION_FUNCTIONS:
+        raise ValueError(f"attention_backend: unknown backend {name!r}; choose 'auto' or one of {sorted(ATTENTION_FUNCTIONS)}")
+    return name
