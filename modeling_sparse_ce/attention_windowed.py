@@ -114,10 +114,8 @@ def _document_attention(qd, kd, vd, doc_mask, layout, pattern, row_query, kc, vc
     num_prefix = kp.shape[2]
 
     window = pattern.window[Segment.DOC][Segment.DOC]
-    if window is None or window >= doc_len - 1:
-        block, halo = doc_len, 0  # the window covers the whole document
-    else:
-        block, halo = min(document_block_size(window), doc_len), window
+    banded = window is not None and window < doc_len - 1  # else the window covers the whole document
+    block, halo = (min(document_block_size(window), doc_len), window) if banded else (doc_len, 0)
     num_blocks = -(-doc_len // block)
     padded_len = num_blocks * block
     tail = padded_len - doc_len
@@ -133,7 +131,7 @@ def _document_attention(qd, kd, vd, doc_mask, layout, pattern, row_query, kc, vc
     key_pos = torch.arange(num_blocks, device=qd.device)[:, None] * block - halo + torch.arange(block + 2 * halo, device=qd.device)
     key_valid = (key_pos[None] >= 0) & (key_pos[None] < layout.doc_lengths[:, None, None])  # [batch, blocks, band]
     band_mask = key_valid[:, :, None, :]
-    if halo:
+    if banded:  # |row - key| <= w  <=>  0 <= key slot - row slot <= 2w
         offset = torch.arange(block + 2 * halo, device=qd.device)[None, :] - torch.arange(block, device=qd.device)[:, None]
         band_mask = band_mask & ((offset >= 0) & (offset <= 2 * halo))
     prefix_mask = mp[:, None, None, :].expand(batch, num_blocks, block, num_prefix)

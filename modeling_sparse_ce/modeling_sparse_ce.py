@@ -8,14 +8,15 @@ several rows is computed once when it attends only to itself.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 from transformers.models.bert.modeling_bert import (
     BertEmbeddings,
@@ -39,7 +40,10 @@ from .segments import SegmentLayout, build_segment_layout
 logger = logging.get_logger(__name__)
 
 AUTO_MAP = {
-    "AutoConfig": "configuration_sparse_ce.SparseCrossEncoderConfig",
+    # the config class as this module imports it: transformers 5 loads remote code from a local folder into one module
+    # folder per auto_map file (named by a hash of the file and its relative imports), so a "configuration_sparse_ce"
+    # entry would give AutoConfig a second class and ``isinstance(model.config, model.config_class)`` would fail
+    "AutoConfig": "modeling_sparse_ce.SparseCrossEncoderConfig",
     "AutoModel": "modeling_sparse_ce.SparseCrossEncoderModel",
     "AutoModelForSequenceClassification": "modeling_sparse_ce.SparseCrossEncoderForSequenceClassification",
 }
@@ -88,7 +92,7 @@ class SparseAttention(nn.Module):
         return self.output(out, hidden), weights
 
 
-class SparseLayer(nn.Module):
+class SparseLayer(GradientCheckpointingLayer):
     """A BERT layer whose attention follows the sparse pattern; feed-forward on packed tokens."""
 
     def __init__(self, config: SparseCrossEncoderConfig) -> None:
@@ -106,17 +110,11 @@ class SparseEncoder(nn.Module):
     def __init__(self, config: SparseCrossEncoderConfig) -> None:
         super().__init__()
         self.layer = nn.ModuleList(SparseLayer(config) for _ in range(config.num_hidden_layers))
-        self.gradient_checkpointing = False
 
     def forward(self, hidden, layout, patterns, backends, output_attentions, output_hidden_states):
         all_hidden, all_weights = [hidden] if output_hidden_states else None, [] if output_attentions else None
         for layer, pattern, backend in zip(self.layer, patterns, backends):
-            if self.gradient_checkpointing and self.training:
-                hidden, weights = torch.utils.checkpoint.checkpoint(
-                    layer, hidden, layout, pattern, backend, output_attentions, use_reentrant=False
-                )
-            else:
-                hidden, weights = layer(hidden, layout, pattern, backend, output_attentions)
+            hidden, weights = layer(hidden, layout, pattern, backend, output_attentions)
             if output_hidden_states:
                 all_hidden.append(hidden)
             if output_attentions:
@@ -136,22 +134,27 @@ class SparseCrossEncoderPreTrainedModel(BertPreTrainedModel):
     _supports_attention_backend = False
     _can_record_outputs = {}
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
-        for module in self.modules():
-            if isinstance(module, SparseEncoder):
-                module.gradient_checkpointing = enable
-
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """Save weights and config, and copy the remote code flat beside them with a complete ``auto_map``."""
+        # A class loaded as remote code has ``_auto_class`` set, so transformers' ``custom_object_save`` also runs: it
+        # copies the (flat) sibling files and rewrites one ``auto_map`` entry to the same ``modeling_sparse_ce.<Class>``.
         self.config.auto_map = dict(AUTO_MAP)
-        auto_class = self._auto_class
-        self._auto_class = None  # transformers' own copy would rewrite one auto_map entry only
-        try:
-            super().save_pretrained(save_directory, *args, **kwargs)
-        finally:
-            self._auto_class = auto_class
+        super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             copy_remote_code(save_directory)
+            write_auto_map(Path(save_directory) / "config.json")
+
+
+def write_auto_map(config_file: Path) -> None:
+    """Put the complete :data:`AUTO_MAP` into a saved ``config.json``.
+
+    A config class loaded as remote code is saved by transformers' ``custom_object_save``, which sets its ``AutoConfig``
+    entry to the module that defines it (``configuration_sparse_ce``); this restores the entry of :data:`AUTO_MAP`.
+    """
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if config.get("auto_map") != AUTO_MAP:
+        config["auto_map"] = dict(AUTO_MAP)
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def remote_code_files() -> list[Path]:

@@ -1,0 +1,300 @@
+"""``sparse-ce convert``: turn a BERT checkpoint into a self-contained sparse cross-encoder Hub folder.
+
+Schlatt, Fröbe, Hagen: "Investigating the Effects of Sparse Attention on Cross-Encoders", ECIR 2024, start from a
+trained BERT cross-encoder (cross-encoder/ms-marco-MiniLM-L-6-v2) and only change its attention pattern; their
+document models also stretch the position table by interpolation. This module does both offline, as one explicit
+step: it reads a BERT cross-encoder, a plain BERT encoder, a sparse-ce folder or an original published sparse
+checkpoint, applies the chosen pattern, checks that every weight loaded, and writes config, weights, tokenizer,
+remote code and a model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+from huggingface_hub import snapshot_download
+from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
+
+from configuration_sparse_ce import DIRECTION_FLAGS, PRESETS, SparseCrossEncoderConfig
+from modeling_sparse_ce import SparseCrossEncoderForSequenceClassification
+from sparse_ce.positions import extend_position_embeddings
+
+logger = logging.getLogger(__name__)
+
+HUB_FILES = ["*.json", "*.txt", "*.model", "*.safetensors", "pytorch_model*.bin"]
+"""What a Hub download fetches: configs, tokenizer files and PyTorch weights (no ONNX/OpenVINO/TF exports)."""
+
+IGNORED_UNEXPECTED = re.compile(r"(^|\.)embeddings\.(position_ids|token_type_ids)$|^cls\.")
+"""Checkpoint keys that may be dropped: BERT's index buffers and its pre-training heads (``cls.predictions`` ...)."""
+
+ENCODER_ARCHITECTURES = ("BertForMaskedLM", "BertForPreTraining")
+"""Architectures besides ``*Model`` and ``*ForSequenceClassification`` whose encoder is reused (heads dropped)."""
+
+
+def parse_window(text: str) -> int | None | str:
+    """Parse ``--window``: an int >= 0, ``none`` (unlimited) or ``default`` (the pattern's own)."""
+    if text.lower() in ("none", "default"):
+        return None if text.lower() == "none" else "default"
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, 'none' or 'default', got {text!r}")
+    return int(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``convert`` arguments to ``parser``."""
+    parser.add_argument("src", help="local folder or Hub id of a BERT (cross-)encoder or sparse cross-encoder")
+    parser.add_argument("dst", type=Path, help="output folder (Hub layout)")
+    parser.add_argument(
+        "--pattern", choices=sorted(PRESETS), default=None,
+        help="attention pattern; default: the source's own if it has one, else 'sparse'",
+    )
+    parser.add_argument(
+        "--window", type=parse_window, default="default",
+        help="one-sided document window: an int >= 0, 'none' (unlimited) or 'default' (the pattern's)",
+    )
+    parser.add_argument("--max-positions", type=int, help="extend the position table to N rows by linear interpolation")
+    parser.add_argument("--trained-positions", type=int, help="interpolate over the first K rows only (a well-trained prefix)")
+    parser.add_argument("--model-id", help="Hub id used in the model card's usage snippets (default: the DST folder name)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``sparse-ce convert`` from parsed arguments."""
+    convert(
+        args.src, args.dst, pattern=args.pattern, window=args.window, max_positions=args.max_positions,
+        trained_positions=args.trained_positions, model_id=args.model_id, overwrite=args.overwrite,
+    )
+    return 0
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    pattern: str | None = None,
+    window: int | None | str = "default",
+    max_positions: int | None = None,
+    trained_positions: int | None = None,
+    model_id: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Convert a BERT checkpoint into a sparse cross-encoder folder.
+
+    Args:
+        src: Local folder or Hub id: a ``BertForSequenceClassification`` with one label, a plain BERT encoder, a
+            sparse-ce folder or an original sparse checkpoint (``model_type: "bert"`` plus the sparse keys).
+        dst: Output folder.
+        pattern: ``full``, ``longformer`` or ``sparse``; ``None`` keeps the source's pattern (sparse-ce or original
+            sparse checkpoints) and gives any other source the paper's ``sparse`` pattern.
+        window: One-sided document window; ``"default"`` keeps the pattern's (or, without ``pattern``, the source's).
+        max_positions: Extend the position table to this many rows by linear interpolation.
+        trained_positions: Interpolate over only this many leading rows of the table.
+        model_id: Name used in the model card's usage snippets; default: the name of ``dst``.
+        overwrite: Allow writing into a non-empty ``dst``.
+
+    Returns:
+        The output folder.
+
+    Raises:
+        ValueError: Unsupported source (model type, architecture, labels), bad pattern or positions, or weights that
+            did not load cleanly.
+        FileNotFoundError: ``src`` is neither a folder nor a reachable Hub repository.
+        FileExistsError: ``dst`` is not empty and ``overwrite`` is false.
+    """
+    if trained_positions is not None and max_positions is None:
+        raise ValueError("trained_positions: only used together with max_positions")
+    folder, hub_id = resolve_source(src)
+    dst = Path(dst)
+    if dst.resolve() == folder.resolve():
+        raise ValueError(f"dst: {dst} is the source folder; write the conversion elsewhere")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"dst: {dst} is not empty; pass overwrite=True (--overwrite) to write into it")
+
+    source = json.loads((folder / "config.json").read_text())
+    config = build_config(source, pattern, window)
+    tokenizer = load_tokenizer(folder)
+    config.sep_token_id, config.pad_token_id = tokenizer.sep_token_id, tokenizer.pad_token_id
+    model, missing = load_weights(folder, config)
+    source_positions = config.max_position_embeddings
+    if max_positions is not None:
+        extend_position_embeddings(model, max_positions, trained_positions)
+    tokenizer.model_max_length = model.config.max_position_embeddings
+
+    model.save_pretrained(dst)
+    tokenizer.save_pretrained(dst)
+    card = render_model_card(
+        model.config, source=hub_id or str(src), hub_id=hub_id, model_id=model_id or dst.name,
+        head_trained=not missing, source_positions=source_positions, trained_positions=trained_positions,
+        command=_command(src, model_id or dst.name, pattern, window, max_positions, trained_positions),
+    )
+    (dst / "README.md").write_text(card, encoding="utf-8")
+    logger.info(
+        "converted %s -> %s: pattern=%s window=%s max_positions=%d missing=%s",
+        src, dst, model.config.preset_name or "custom", model.config.attention_window_size,
+        model.config.max_position_embeddings, sorted(missing) or "none",
+    )
+    return dst
+
+
+def resolve_source(src: str | Path) -> tuple[Path, str | None]:
+    """Return the local folder of ``src`` and its Hub id (``None`` for a local folder).
+
+    A Hub download honours ``HF_HUB_OFFLINE`` (then only the local cache is used) and fails fast with a clear error.
+    """
+    path = Path(src).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"src: {path} has no config.json")
+        return path, None
+    if path.exists():
+        raise FileNotFoundError(f"src: {path} is a file; expected a model folder or a Hub id")
+    try:
+        folder = Path(snapshot_download(str(src), allow_patterns=HUB_FILES))
+    except Exception as exc:  # offline, unknown repo, gated repo, network error: all end the same way
+        raise FileNotFoundError(
+            f"src: {str(src)!r} is not a local folder and could not be fetched from the Hub "
+            f"({type(exc).__name__}: {exc}). Pass a local folder, or unset HF_HUB_OFFLINE and check the network."
+        ) from exc
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"src: Hub repository {src!r} has no config.json")
+    return folder, str(src)
+
+
+def build_config(source: dict, pattern: str | None = None, window: int | None | str = "default") -> SparseCrossEncoderConfig:
+    """Build the sparse config from a source ``config.json`` and the requested pattern (one label, no auto_map).
+
+    Args:
+        source: The source config as a dict (``model_type`` ``"bert"`` or ``"sparse_ce"``).
+        pattern: See :func:`convert`.
+        window: See :func:`convert`.
+    """
+    has_pattern = source.get("model_type") == SparseCrossEncoderConfig.model_type or any(
+        key in source for key in ("attention_window_size", *DIRECTION_FLAGS)
+    )
+    fields = {k: v for k, v in source.items() if k not in ("id2label", "label2id", "num_labels", "auto_map")}
+    if pattern is not None or not has_pattern:
+        preset = SparseCrossEncoderConfig.from_preset(pattern or "sparse", window)
+        fields.update(attention_window_size=preset.attention_window_size, **preset.pattern_flags)
+    elif window != "default":
+        fields["attention_window_size"] = window
+    config = SparseCrossEncoderConfig.from_legacy_dict({**fields, "num_labels": 1})  # rejects non-BERT model types
+
+    architectures = source.get("architectures") or []
+    for name in architectures:
+        if not (name.endswith(("Model", "ForSequenceClassification")) or name in ENCODER_ARCHITECTURES):
+            raise ValueError(f"architectures: {name} has a head a cross-encoder cannot reuse; convert its BertModel")
+    labels = len(source["id2label"]) if "id2label" in source else source.get("num_labels", 2)  # v5 omits 2 labels
+    if labels != 1 and any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise ValueError(
+            f"num_labels: the source classifier has {labels} outputs; a cross-encoder scores with one logit. "
+            "Save its encoder (model.bert.save_pretrained) and convert that; the head is then newly initialised."
+        )
+    if source.get("token_type_embedding") is False:
+        raise ValueError("token_type_embedding: false is not supported; sparse-ce always adds BERT's token-type embeddings")
+    return config
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """Load the source tokenizer; the converted folder needs its [SEP] and [PAD] ids.
+
+    A BERT config is passed so that transformers resolves the (BERT) tokenizer without executing, or prompting for,
+    the remote code of a sparse-ce source folder.
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=BertConfig())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"src: no usable tokenizer in {folder} ({exc}); the converted model needs one") from exc
+    if tokenizer.sep_token_id is None or tokenizer.pad_token_id is None:
+        raise ValueError(f"src: the tokenizer in {folder} has no [SEP] or [PAD] token")
+    return tokenizer
+
+
+def load_weights(folder: Path, config: SparseCrossEncoderConfig) -> tuple[SparseCrossEncoderForSequenceClassification, set[str]]:
+    """Load the source weights under ``config`` and check that nothing but the classifier head is missing.
+
+    Returns:
+        The model and the missing (newly initialised) keys, a subset of ``classifier.*``.
+
+    Raises:
+        ValueError: Other missing keys, unexpected keys besides buffers and BERT pre-training heads, or mismatched
+            shapes; the message lists them.
+    """
+    model, info = SparseCrossEncoderForSequenceClassification.from_pretrained(
+        folder, config=config, output_loading_info=True, ignore_mismatched_sizes=True  # mismatches are errors below
+    )
+    missing = set(info["missing_keys"])
+    problems = {
+        "missing": sorted(k for k in missing if not k.startswith("classifier.")),
+        "unexpected": sorted(k for k in info["unexpected_keys"] if not IGNORED_UNEXPECTED.search(k)),
+        "mismatched": sorted(str(k) for k in info["mismatched_keys"]),
+        "errors": list(info.get("error_msgs", [])),
+    }
+    if any(problems.values()):
+        listed = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in problems.items() if keys)
+        raise ValueError(f"weights: {folder} does not load cleanly as a BERT cross-encoder ({listed})")
+    if missing:
+        logger.warning("classifier head newly initialised (%s): the converted model must be fine-tuned", ", ".join(sorted(missing)))
+    return model, missing
+
+
+def render_model_card(
+    config: SparseCrossEncoderConfig,
+    source: str,
+    hub_id: str | None,
+    model_id: str,
+    head_trained: bool,
+    source_positions: int,
+    trained_positions: int | None,
+    command: str,
+) -> str:
+    """Fill the packaged ``model_card.md`` template for a converted folder."""
+    template = Template(resources.files("sparse_ce").joinpath("model_card.md").read_text(encoding="utf-8"))
+    window = config.attention_window_size
+    flags = "\n".join(f"| `{flag}` | {'on' if on else 'off'} |" for flag, on in config.pattern_flags.items())
+    if head_trained:
+        head_note = f"The classifier head is the one of `{source}`."
+    else:
+        head_note = (
+            f"**The classifier head is untrained:** `{source}` had no sequence-classification head, so `classifier.*` "
+            "was newly initialised. Scores are meaningless until the model is fine-tuned."
+        )
+    if config.preset_name != "full":
+        head_note += " Sparse attention changes what the encoder sees: fine-tune before relying on its scores."
+    positions_note = ""
+    if config.max_position_embeddings != source_positions:
+        prefix = f"first {trained_positions}" if trained_positions else f"{source_positions}"
+        positions_note = (
+            f"\nThe position table was extended from {source_positions} to {config.max_position_embeddings} positions by "
+            f"linear interpolation over the {prefix} trained positions (Chen et al., 2023); fine-tune on long inputs.\n"
+        )
+    return template.substitute(
+        base_model=f"base_model: {hub_id}\n" if hub_id else "",
+        model_id=model_id,
+        source=source,
+        pattern=f"`{config.preset_name}`" if config.preset_name else "custom flags",
+        window="unlimited" if window is None else str(window),
+        max_length=config.max_position_embeddings,
+        flags=flags,
+        head_note=head_note,
+        positions_note=positions_note,
+        command=command,
+    )
+
+
+def _command(src, dst_name, pattern, window, max_positions, trained_positions) -> str:
+    """The ``sparse-ce convert`` line that reproduces a conversion (for the model card)."""
+    parts = ["sparse-ce", "convert", str(src), dst_name]
+    if pattern is not None:
+        parts += ["--pattern", pattern]
+    if window != "default":
+        parts += ["--window", "none" if window is None else str(window)]
+    if max_positions is not None:
+        parts += ["--max-positions", str(max_positions)]
+    if trained_positions is not None:
+        parts += ["--trained-positions", str(trained_positions)]
+    return " ".join(parts)

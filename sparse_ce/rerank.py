@@ -1,0 +1,89 @@
+"""``sparse-ce rerank``: re-rank a first-stage run with a cross-encoder and write a TREC run.
+
+The evaluation setting of Schlatt et al., ECIR 2024 (Table 1): re-rank the BM25 top-100 of TREC DL 2019/2020 and
+report nDCG@10. Input is a TREC DL JSON file (queries, hits and passage texts) or a TREC run + topics + corpus;
+with qrels, nDCG@10, RR@10 and R@100 of the written run are printed (ir_measures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import ir_measures
+from ir_measures import RR, R, nDCG
+
+from .data import FirstStage, read_dl_json, read_qrels, read_run_first_stage, write_run
+from .scoring import DTYPES, PairScorer
+
+logger = logging.getLogger(__name__)
+
+MEASURES = (nDCG @ 10, RR @ 10, R @ 100)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder or Hub id of a sequence-classification cross-encoder")
+    source = parser.add_argument_group("first stage: --dl-json FILE, or --run, --topics and --corpus")
+    source.add_argument("--dl-json", help="TREC DL JSON: [{query, hits: [{qid, docid, rank, score, content}]}]")
+    source.add_argument("--run", help="TREC run file: qid Q0 docid rank score tag")
+    source.add_argument("--topics", help="topics: TSV qid<TAB>query (.gz allowed) or TREC <top> blocks")
+    source.add_argument("--corpus", help="corpus: BEIR jsonl, TSV docid<TAB>text or TREC <DOC> (.gz allowed)")
+    parser.add_argument("--output", required=True, help="TREC run file to write")
+    parser.add_argument("--qrels", help="TREC qrels: print nDCG@10, RR@10 and R@100 of the written run")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default: 32)")
+    parser.add_argument(
+        "--max-length", type=int, help="tokens per row (default: the tokenizer's, capped by max_position_embeddings)"
+    )
+    parser.add_argument("--maxp", action="store_true", help="score long documents by their best overlapping window")
+    parser.add_argument("--limit-queries", type=int, metavar="N", help="re-rank the first N queries only")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: the checkpoint's)")
+    parser.add_argument(
+        "--fix-text",
+        action=argparse.BooleanOptionalAction,
+        help="repair mojibake with ftfy (default: on for --dl-json, off otherwise)",
+    )
+    parser.add_argument("--tag", default="sparse-ce", help="run tag (default: sparse-ce)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    first_stage = _read_first_stage(args)
+    scorer = PairScorer(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        maxp=args.maxp,
+        progress=not args.no_progress,
+    )
+    qids, queries, documents = first_stage.pairs()
+    start = time.perf_counter()
+    scores, stats = scorer.score(queries, documents, qids)
+    seconds = time.perf_counter() - start
+    scores_left = iter(scores)
+    ranking = {qid: [(c.docid, next(scores_left)) for c in hits] for qid, hits in first_stage.candidates.items()}
+    write_run(args.output, ranking, args.tag)
+
+    if scorer.untrained_head:
+        print("WARNING: the classifier head is untrained; scores from an untrained classifier head mean nothing")
+    print(f"documents cut to max_length {scorer.max_length}: {stats.truncated} of {stats.pairs}", end="")
+    print(f" ({stats.long_documents} split into {stats.rows} MaxP windows in all)" if args.maxp else "")
+    if args.qrels:
+        metrics = ir_measures.calc_aggregate(MEASURES, read_qrels(args.qrels), ir_measures.read_trec_run(args.output))
+        print(" ".join(f"{measure}={metrics[measure]:.4f}" for measure in MEASURES))
+    print(f"run: {args.output}")
+    print(f"{len(first_stage)} queries, {1000 * seconds / max(len(first_stage), 1):.1f} ms per query")
+    return 0
+
+
+def _read_first_stage(args: argparse.Namespace) -> FirstStage:
+    files = (args.run, args.topics, args.corpus)
+    if args.dl_json and not any(files):
+        fix = True if args.fix_text is None else args.fix_text
+        return read_dl_json(args.dl_json, fix_text=fix, limit=args.limit_queries)
+    if not args.dl_json and all(files):
+        return read_run_first_stage(*files, fix_text=bool(args.fix_text), limit=args.limit_queries)
+    raise SystemExit("sparse-ce rerank: give either --dl-json FILE, or all of --run, --topics and --corpus")
