@@ -19,6 +19,11 @@ ATTENTION_FUNCTIONS: dict[str, Callable] = {
 }
 
 
+def register_attention_backend(name: str, function: Callable) -> None:
+    """Add a backend (e.g. a compiled kernel) under ``name``; it must follow the shared signature."""
+    ATTENTION_FUNCTIONS[name] = function
+
+
 def resolve_backend(name: str, pattern: AttentionPattern, output_attentions: bool) -> str:
     """Pick the backend for ``name`` (``auto`` or a key of :data:`ATTENTION_FUNCTIONS`).
 

@@ -59,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="one-sided document window: an int >= 0, 'none' (unlimited) or 'default' (the pattern's)",
     )
     parser.add_argument("--max-positions", type=int, help="extend the position table to N rows by linear interpolation")
-    parser.add_argument("--trained-positions", type=int, help="interpolate over the first K rows only (a well-trained prefix)")
-    parser.add_argument("--model-id", help="Hub id used in the model card's usage snippets (default: the DST folder name)")
+    parser.add_argument("--trained-positions", type=int, help="interpolate over the first K rows only")
+    parser.add_argument("--model-id", help="Hub id for the model card's usage snippets (default: the DST folder name)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
 
 
@@ -127,11 +127,9 @@ def convert(
 
     model.save_pretrained(dst)
     tokenizer.save_pretrained(dst)
-    card = render_model_card(
-        model.config, source=hub_id or str(src), hub_id=hub_id, model_id=model_id or dst.name,
-        head_trained=not missing, source_positions=source_positions, trained_positions=trained_positions,
-        command=_command(src, model_id or dst.name, pattern, window, max_positions, trained_positions),
-    )
+    notes = _card_notes(source, model.config, hub_id or str(src), missing, source_positions, trained_positions)
+    command = _command(src, model_id or dst.name, pattern, window, max_positions, trained_positions)
+    card = render_model_card(model.config, hub_id or str(src), hub_id, model_id or dst.name, notes, command)
     (dst / "README.md").write_text(card, encoding="utf-8")
     logger.info(
         "converted %s -> %s: pattern=%s window=%s max_positions=%d missing=%s",
@@ -165,7 +163,9 @@ def resolve_source(src: str | Path) -> tuple[Path, str | None]:
     return folder, str(src)
 
 
-def build_config(source: dict, pattern: str | None = None, window: int | None | str = "default") -> SparseCrossEncoderConfig:
+def build_config(
+    source: dict, pattern: str | None = None, window: int | None | str = "default"
+) -> SparseCrossEncoderConfig:
     """Build the sparse config from a source ``config.json`` and the requested pattern (one label, no auto_map).
 
     Args:
@@ -195,7 +195,7 @@ def build_config(source: dict, pattern: str | None = None, window: int | None | 
             "Save its encoder (model.bert.save_pretrained) and convert that; the head is then newly initialised."
         )
     if source.get("token_type_embedding") is False:
-        raise ValueError("token_type_embedding: false is not supported; sparse-ce always adds BERT's token-type embeddings")
+        raise ValueError("token_type_embedding: false is not supported; sparse-ce always adds token-type embeddings")
     return config
 
 
@@ -214,7 +214,9 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_weights(folder: Path, config: SparseCrossEncoderConfig) -> tuple[SparseCrossEncoderForSequenceClassification, set[str]]:
+def load_weights(
+    folder: Path, config: SparseCrossEncoderConfig
+) -> tuple[SparseCrossEncoderForSequenceClassification, set[str]]:
     """Load the source weights under ``config`` and check that nothing but the classifier head is missing.
 
     Returns:
@@ -238,40 +240,25 @@ def load_weights(folder: Path, config: SparseCrossEncoderConfig) -> tuple[Sparse
         listed = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in problems.items() if keys)
         raise ValueError(f"weights: {folder} does not load cleanly as a BERT cross-encoder ({listed})")
     if missing:
-        logger.warning("classifier head newly initialised (%s): the converted model must be fine-tuned", ", ".join(sorted(missing)))
+        logger.warning("classifier head newly initialised (%s): fine-tune the model", ", ".join(sorted(missing)))
     return model, missing
 
 
 def render_model_card(
-    config: SparseCrossEncoderConfig,
-    source: str,
-    hub_id: str | None,
-    model_id: str,
-    head_trained: bool,
-    source_positions: int,
-    trained_positions: int | None,
-    command: str,
+    config: SparseCrossEncoderConfig, source: str, hub_id: str | None, model_id: str, notes: list[str], command: str
 ) -> str:
-    """Fill the packaged ``model_card.md`` template for a converted folder."""
+    """Fill the packaged ``model_card.md`` template for a converted folder.
+
+    Args:
+        config: The converted model's config.
+        source: Source checkpoint as given (folder or Hub id).
+        hub_id: Hub id of the source, written as ``base_model``; ``None`` for a local folder.
+        model_id: Name used in the usage snippets.
+        notes: Paragraphs on what the conversion changed (head, pattern, positions).
+        command: The command line that reproduces the conversion.
+    """
     template = Template(resources.files("sparse_ce").joinpath("model_card.md").read_text(encoding="utf-8"))
     window = config.attention_window_size
-    flags = "\n".join(f"| `{flag}` | {'on' if on else 'off'} |" for flag, on in config.pattern_flags.items())
-    if head_trained:
-        head_note = f"The classifier head is the one of `{source}`."
-    else:
-        head_note = (
-            f"**The classifier head is untrained:** `{source}` had no sequence-classification head, so `classifier.*` "
-            "was newly initialised. Scores are meaningless until the model is fine-tuned."
-        )
-    if config.preset_name != "full":
-        head_note += " Sparse attention changes what the encoder sees: fine-tune before relying on its scores."
-    positions_note = ""
-    if config.max_position_embeddings != source_positions:
-        prefix = f"first {trained_positions}" if trained_positions else f"{source_positions}"
-        positions_note = (
-            f"\nThe position table was extended from {source_positions} to {config.max_position_embeddings} positions by "
-            f"linear interpolation over the {prefix} trained positions (Chen et al., 2023); fine-tune on long inputs.\n"
-        )
     return template.substitute(
         base_model=f"base_model: {hub_id}\n" if hub_id else "",
         model_id=model_id,
@@ -279,11 +266,32 @@ def render_model_card(
         pattern=f"`{config.preset_name}`" if config.preset_name else "custom flags",
         window="unlimited" if window is None else str(window),
         max_length=config.max_position_embeddings,
-        flags=flags,
-        head_note=head_note,
-        positions_note=positions_note,
+        flags="\n".join(f"| `{flag}` | {'on' if on else 'off'} |" for flag, on in config.pattern_flags.items()),
+        notes="\n\n".join(notes),
         command=command,
     )
+
+
+def _card_notes(source, config, name, missing, source_positions, trained_positions) -> list[str]:
+    """The model card's paragraphs on the classifier head, a changed pattern and extended positions."""
+    if missing:
+        notes = [
+            f"**The classifier head is untrained:** `{name}` had no sequence-classification head, so `classifier.*` "
+            "was newly initialised. Scores are meaningless until the model is fine-tuned."
+        ]
+    else:
+        notes = [f"The classifier head is the one of `{name}`."]
+    # a source without pattern keys is a dense BERT: unlimited window, every direction on (the legacy defaults too)
+    before = [source.get("attention_window_size"), *(source.get(flag, True) for flag in DIRECTION_FLAGS)]
+    if before != [config.attention_window_size, *config.pattern_flags.values()]:
+        notes.append("The attention pattern differs from the one the source was trained with: fine-tune before use.")
+    if config.max_position_embeddings != source_positions:
+        rows = f"first {trained_positions}" if trained_positions else str(source_positions)
+        notes.append(
+            f"The position table was extended from {source_positions} to {config.max_position_embeddings} positions "
+            f"by linear interpolation over the {rows} trained positions (Chen et al., 2023); fine-tune on long inputs."
+        )
+    return notes
 
 
 def _command(src, dst_name, pattern, window, max_positions, trained_positions) -> str:

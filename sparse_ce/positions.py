@@ -34,7 +34,7 @@ def interpolate_positions(table: torch.Tensor, size: int, trained_positions: int
     rows = table.shape[0]
     used = rows if trained_positions is None else trained_positions
     if size < rows:
-        raise ValueError(f"max_positions: {size} is smaller than the current table of {rows} positions; shrinking is not supported")
+        raise ValueError(f"max_positions: {size} is below the current {rows} positions; shrinking is not supported")
     if not 2 <= used <= rows:
         raise ValueError(f"trained_positions: expected 2 <= k <= {rows}, got {used}")
     # exact integer arithmetic for the source coordinates: i * (used - 1) = lower * (size - 1) + remainder

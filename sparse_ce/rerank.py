@@ -2,24 +2,29 @@
 
 The evaluation setting of Schlatt et al., ECIR 2024 (Table 1): re-rank the BM25 top-100 of TREC DL 2019/2020 and
 report nDCG@10. Input is a TREC DL JSON file (queries, hits and passage texts) or a TREC run + topics + corpus;
-with qrels, nDCG@10, RR@10 and R@100 of the written run are printed (ir_measures).
+with qrels, nDCG@10, RR@10 and R@100 (or ``--measures``) of the written run are printed (ir_measures), averaged
+over the re-ranked queries that have judgements.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 
 import ir_measures
-from ir_measures import RR, R, nDCG
 
 from .data import FirstStage, read_dl_json, read_qrels, read_run_first_stage, write_run
 from .scoring import DTYPES, PairScorer
 
-logger = logging.getLogger(__name__)
+MEASURES = ("nDCG@10", "RR@10", "R@100")
 
-MEASURES = (nDCG @ 10, RR @ 10, R @ 100)
+
+def _measure(name: str):
+    """An ir_measures measure from its name, as an argparse type."""
+    try:
+        return ir_measures.parse_measure(name)
+    except (NameError, SyntaxError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"not an ir_measures measure: {name!r} ({error})") from error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--topics", help="topics: TSV qid<TAB>query (.gz allowed) or TREC <top> blocks")
     source.add_argument("--corpus", help="corpus: BEIR jsonl, TSV docid<TAB>text or TREC <DOC> (.gz allowed)")
     parser.add_argument("--output", required=True, help="TREC run file to write")
-    parser.add_argument("--qrels", help="TREC qrels: print nDCG@10, RR@10 and R@100 of the written run")
+    parser.add_argument("--qrels", help="TREC qrels: print the measures of the written run")
+    parser.add_argument(
+        "--measures",
+        nargs="+",
+        type=_measure,
+        default=[_measure(name) for name in MEASURES],
+        help=f"ir_measures names, e.g. 'RR(rel=2)@10' for TREC DL's binary cut (default: {' '.join(MEASURES)})",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default: 32)")
     parser.add_argument(
         "--max-length", type=int, help="tokens per row (default: the tokenizer's, capped by max_position_embeddings)"
@@ -72,8 +84,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"documents cut to max_length {scorer.max_length}: {stats.truncated} of {stats.pairs}", end="")
     print(f" ({stats.long_documents} split into {stats.rows} MaxP windows in all)" if args.maxp else "")
     if args.qrels:
-        metrics = ir_measures.calc_aggregate(MEASURES, read_qrels(args.qrels), ir_measures.read_trec_run(args.output))
-        print(" ".join(f"{measure}={metrics[measure]:.4f}" for measure in MEASURES))
+        print(_evaluate(args.measures, args.qrels, args.output, set(first_stage.candidates)))
     print(f"run: {args.output}")
     print(f"{len(first_stage)} queries, {1000 * seconds / max(len(first_stage), 1):.1f} ms per query")
     return 0
@@ -87,3 +98,13 @@ def _read_first_stage(args: argparse.Namespace) -> FirstStage:
     if not args.dl_json and all(files):
         return read_run_first_stage(*files, fix_text=bool(args.fix_text), limit=args.limit_queries)
     raise SystemExit("sparse-ce rerank: give either --dl-json FILE, or all of --run, --topics and --corpus")
+
+
+def _evaluate(measures: list, qrels_path: str, run_path: str, qids: set[str]) -> str:
+    """The measures of the written run over the re-ranked queries with judgements (unjudged ones have no value)."""
+    qrels = [qrel for qrel in read_qrels(qrels_path) if qrel.query_id in qids]
+    if not qrels:
+        return f"no judgements in {qrels_path} for the {len(qids)} re-ranked queries"
+    metrics = ir_measures.calc_aggregate(measures, qrels, ir_measures.read_trec_run(run_path))
+    judged = len({qrel.query_id for qrel in qrels})
+    return " ".join(f"{measure}={metrics[measure]:.4f}" for measure in measures) + f" ({judged} judged queries)"

