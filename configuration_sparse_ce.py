@@ -122,6 +122,8 @@ class SparseCrossEncoderConfig(BertConfig):
                 f"model_type: {config.get('model_type')!r} is not a BERT checkpoint; "
                 "sparse-ce converts BERT encoders and BERT cross-encoders only"
             )
+        if fields.get("token_type_embedding") is False:
+            raise ValueError("token_type_embedding: false is not supported; BERT cross-encoders add token-type embeddings")
         return cls(**fields)
 
     def validate_pattern(self) -> None:

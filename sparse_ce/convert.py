@@ -124,6 +124,7 @@ def convert(
     if max_positions is not None:
         extend_position_embeddings(model, max_positions, trained_positions)
     tokenizer.model_max_length = model.config.max_position_embeddings
+    model.config.sparse_ce_untrained_head = bool(missing)  # read by `sparse-ce rerank`; training clears it
 
     model.save_pretrained(dst)
     tokenizer.save_pretrained(dst)
@@ -194,8 +195,6 @@ def build_config(
             f"num_labels: the source classifier has {labels} outputs; a cross-encoder scores with one logit. "
             "Save its encoder (model.bert.save_pretrained) and convert that; the head is then newly initialised."
         )
-    if source.get("token_type_embedding") is False:
-        raise ValueError("token_type_embedding: false is not supported; sparse-ce always adds token-type embeddings")
     return config
 
 

@@ -107,4 +107,4 @@ def _evaluate(measures: list, qrels_path: str, run_path: str, qids: set[str]) ->
         return f"no judgements in {qrels_path} for the {len(qids)} re-ranked queries"
     metrics = ir_measures.calc_aggregate(measures, qrels, ir_measures.read_trec_run(run_path))
     judged = len({qrel.query_id for qrel in qrels})
-    return " ".join(f"{measure}={metrics[measure]:.4f}" for measure in measures) + f" ({judged} judged queries)"
+    return " ".join(f"{measure}={metrics[measure]:.4f}" for measure in measures) + f" (queries judged: {judged})"

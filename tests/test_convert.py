@@ -62,6 +62,7 @@ def test_full_pattern_reproduces_bert_cross_encoder(tmp_path, caplog):
     assert "missing=none" in caplog.text
     card = (dst / "README.md").read_text()
     assert "classifier head is the one of" in card and "pattern differs" not in card
+    assert json.loads((dst / "config.json").read_text())["sparse_ce_untrained_head"] is False
     batch = features(AutoTokenizer.from_pretrained(dst, trust_remote_code=True))
     assert batch["attention_mask"].sum(1).unique().numel() > 1  # ragged, padded
     with torch.no_grad():
@@ -77,6 +78,7 @@ def test_plain_encoder_initialises_only_the_classifier(tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.name == "sparse_ce.convert"]
     assert len(warnings) == 1 and "classifier.bias, classifier.weight" in warnings[0]
     assert "classifier head is untrained" in (dst / "README.md").read_text()
+    assert json.loads((dst / "config.json").read_text())["sparse_ce_untrained_head"] is True
     encoder = BertModel.from_pretrained(src)
     converted = SparseCrossEncoderForSequenceClassification.from_pretrained(dst)
     dense = converted.bert.encoder.layer[1].output.dense.weight

@@ -100,7 +100,7 @@ def test_rerank_dl_json_writes_valid_run_and_prints_ndcg(tiny_model_dir, collect
     qrels = list(ir_measures.read_trec_qrels(str(collection["qrels.txt"])))
     ndcg = ir_measures.calc_aggregate([nDCG @ 10], qrels, ir_measures.read_trec_run(str(output)))[nDCG @ 10]
     assert printed_ndcg(out) == pytest.approx(ndcg, abs=5e-5)
-    assert "RR@10=" in out and "R@100=" in out
+    assert "RR@10=" in out and "R@100=" in out and "(queries judged: 2)" in out
     assert f"run: {output}" in out
     assert "documents cut to max_length 128: 0 of 10" in out
     assert "ms per query" in out
@@ -127,6 +127,21 @@ def test_limit_queries_and_maxp(tiny_model_dir, collection, tmp_path, capsys):
     assert list(read_written_run(output)) == ["1"]
     assert "documents cut to max_length 18: 0 of 5" in out
     assert int(re.search(r"\((\d+) split into \d+ MaxP windows", out).group(1)) > 0
+
+
+def test_metrics_cover_reranked_queries_only(tiny_model_dir, collection, tmp_path, capsys):
+    output = tmp_path / "one.run"
+    main([
+        "rerank", "--model", str(tiny_model_dir), "--dl-json", str(collection["dl.json"]), "--output", str(output),
+        "--qrels", str(collection["qrels.txt"]), "--limit-queries", "1", "--measures", "nDCG@10", "RR(rel=2)@10",
+        "--no-progress",
+    ])
+    out = capsys.readouterr().out
+    qrels = list(ir_measures.read_trec_qrels(str(collection["qrels.txt"])))
+    (per_query,) = [m.value for m in ir_measures.iter_calc([nDCG @ 10], qrels, ir_measures.read_trec_run(str(output)))
+                    if m.query_id == "1"]
+    assert printed_ndcg(out) == pytest.approx(per_query, abs=5e-5)  # not diluted by the query left out
+    assert "RR(rel=2)@10=" in out and "R@100" not in out and "(queries judged: 1)" in out
 
 
 def test_rerank_needs_one_kind_of_input(tiny_model_dir, collection, tmp_path):
