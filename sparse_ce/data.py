@@ -147,6 +147,8 @@ def _iter_trec(f: IO[str]) -> Iterator[tuple[str, str]]:
     buffer = ""
     for line in f:
         buffer += line
+        if "</DOC>" not in line:
+            continue
         *docs, buffer = buffer.split("</DOC>")
         for doc in docs:
             docno = re.search(r"<DOCNO>\s*(.*?)\s*</DOCNO>", doc, re.S)
@@ -188,7 +190,9 @@ def read_corpus(path: str | Path, docids: set[str]) -> dict[str, str]:
                 break
     missing = docids - texts.keys()
     if missing:
-        raise ValueError(f"{path}: {len(missing)} documents of the run are not in the corpus, e.g. {sorted(missing)[:5]}")
+        raise ValueError(
+            f"{path}: {len(missing)} documents of the run are not in the corpus, e.g. {sorted(missing)[:5]}"
+        )
     return texts
 
 
@@ -214,7 +218,9 @@ def read_run_first_stage(
     texts = {docid: fix(text) for docid, text in texts.items()}
     return FirstStage(
         queries={qid: fix(all_topics[qid]) for qid in ranking},
-        candidates={qid: [Candidate(docid, texts[docid], score) for docid, score in hits] for qid, hits in ranking.items()},
+        candidates={
+            qid: [Candidate(docid, texts[docid], score) for docid, score in hits] for qid, hits in ranking.items()
+        },
     )
 
 

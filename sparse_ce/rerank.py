@@ -19,7 +19,7 @@ from .scoring import DTYPES, PairScorer
 MEASURES = ("nDCG@10", "RR@10", "R@100")
 
 
-def _measure(name: str):
+def _measure(name: str) -> ir_measures.Measure:
     """An ir_measures measure from its name, as an argparse type."""
     try:
         return ir_measures.parse_measure(name)
@@ -28,7 +28,10 @@ def _measure(name: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model folder or Hub id of a sequence-classification cross-encoder")
+    """Add the ``rerank`` options to ``parser``."""
+    parser.add_argument(
+        "--model", required=True, help="model folder or Hub id of a sequence-classification cross-encoder"
+    )
     source = parser.add_argument_group("first stage: --dl-json FILE, or --run, --topics and --corpus")
     source.add_argument("--dl-json", help="TREC DL JSON: [{query, hits: [{qid, docid, rank, score, content}]}]")
     source.add_argument("--run", help="TREC run file: qid Q0 docid rank score tag")
@@ -61,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Re-rank, write the run and print truncation, measures, run path and time per query."""
     first_stage = _read_first_stage(args)
     scorer = PairScorer(
         args.model,
@@ -81,12 +85,13 @@ def run(args: argparse.Namespace) -> int:
 
     if scorer.untrained_head:
         print("WARNING: the classifier head is untrained; scores from an untrained classifier head mean nothing")
-    print(f"documents cut to max_length {scorer.max_length}: {stats.truncated} of {stats.pairs}", end="")
-    print(f" ({stats.long_documents} split into {stats.rows} MaxP windows in all)" if args.maxp else "")
+    print(f"documents cut to max_length {scorer.max_length}: {stats.truncated} of {stats.pairs}")
+    if args.maxp:
+        print(f"documents split into MaxP windows: {stats.long_documents} of {stats.pairs} ({stats.rows} rows in all)")
     if args.qrels:
         print(_evaluate(args.measures, args.qrels, args.output, set(first_stage.candidates)))
     print(f"run: {args.output}")
-    print(f"{len(first_stage)} queries, {1000 * seconds / max(len(first_stage), 1):.1f} ms per query")
+    print(f"{len(first_stage)} queries, scoring {1000 * seconds / max(len(first_stage), 1):.1f} ms per query")
     return 0
 
 
@@ -100,7 +105,7 @@ def _read_first_stage(args: argparse.Namespace) -> FirstStage:
     raise SystemExit("sparse-ce rerank: give either --dl-json FILE, or all of --run, --topics and --corpus")
 
 
-def _evaluate(measures: list, qrels_path: str, run_path: str, qids: set[str]) -> str:
+def _evaluate(measures: list[ir_measures.Measure], qrels_path: str, run_path: str, qids: set[str]) -> str:
     """The measures of the written run over the re-ranked queries with judgements (unjudged ones have no value)."""
     qrels = [qrel for qrel in read_qrels(qrels_path) if qrel.query_id in qids]
     if not qrels:

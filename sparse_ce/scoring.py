@@ -130,12 +130,17 @@ class PairScorer:
         rows, stats = self.encode(queries, documents, query_ids)
         scores = self._run(rows, len(queries))
         if stats.empty_documents:
-            logger.warning("%d of %d documents are empty; they are scored on the query alone", stats.empty_documents, stats.pairs)
+            logger.warning(
+                "%d of %d documents are empty; they are scored on the query alone", stats.empty_documents, stats.pairs
+            )
         if stats.long_documents:
             action = "split into MaxP windows" if self.maxp else "cut to fit (pass maxp to score all windows)"
             logger.warning(
                 "%d of %d documents were longer than max_length %d allows and were %s",
-                stats.long_documents, stats.pairs, self.max_length, action,
+                stats.long_documents,
+                stats.pairs,
+                self.max_length,
+                action,
             )
         return scores, stats
 

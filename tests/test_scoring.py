@@ -98,7 +98,9 @@ def test_truncation_count_and_warning(model_dir, pairs, caplog):
     queries, documents = pairs
     s = scorer(model_dir)
     room = {q: 128 - 3 - len(s.tokenizer(q, add_special_tokens=False)["input_ids"]) for q in QUERIES}
-    expected = sum(len(s.tokenizer(d, add_special_tokens=False)["input_ids"]) > room[q] for q, d in zip(queries, documents))
+    expected = sum(
+        len(s.tokenizer(d, add_special_tokens=False)["input_ids"]) > room[q] for q, d in zip(queries, documents)
+    )
     assert 0 < expected < len(documents)
     with caplog.at_level(logging.WARNING):
         _, stats = s.score(queries, documents)
@@ -126,7 +128,9 @@ def test_maxp_is_max_over_windows_built_by_hand(model_dir):
         windows = [d_ids[i : i + window] for i in starts]
         assert sum(len(w) for w in windows) >= len(d_ids)
         rows += len(windows)
-        row_scores = [direct_score(s, [tok.cls_token_id, *q_ids, tok.sep_token_id, *w, tok.sep_token_id]) for w in windows]
+        row_scores = [
+            direct_score(s, [tok.cls_token_id, *q_ids, tok.sep_token_id, *w, tok.sep_token_id]) for w in windows
+        ]
         assert score == pytest.approx(max(row_scores), abs=1e-5)
     assert stats.rows == rows and rows > 4
 
@@ -152,7 +156,12 @@ def test_empty_document_warns_and_is_scored(model_dir, caplog):
     assert stats.empty_documents == 2
     assert "2 of 3 documents are empty" in caplog.text
     tok = s.tokenizer
-    ids = [tok.cls_token_id, *tok("do goldfish grow", add_special_tokens=False)["input_ids"], tok.sep_token_id, tok.sep_token_id]
+    ids = [
+        tok.cls_token_id,
+        *tok("do goldfish grow", add_special_tokens=False)["input_ids"],
+        tok.sep_token_id,
+        tok.sep_token_id,
+    ]
     assert scores[1] == scores[2] == pytest.approx(direct_score(s, ids), abs=1e-5)
 
 
