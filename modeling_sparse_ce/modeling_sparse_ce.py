@@ -138,11 +138,16 @@ class SparseCrossEncoderPreTrainedModel(BertPreTrainedModel):
         """Save weights and config, and copy the remote code flat beside them with a complete ``auto_map``."""
         # A class loaded as remote code has ``_auto_class`` set, so transformers' ``custom_object_save`` also runs: it
         # copies the (flat) sibling files and rewrites one ``auto_map`` entry to the same ``modeling_sparse_ce.<Class>``.
+        # transformers' own push would upload before the code files are copied: push the finished folder instead
+        push = kwargs.pop("push_to_hub", False)
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "token", "create_pr") if k in kwargs}
         self.config.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             copy_remote_code(save_directory)
             write_auto_map(Path(save_directory) / "config.json")
+            if push:
+                self.push_to_hub(hub_kwargs.pop("repo_id", Path(save_directory).name), **hub_kwargs)
 
 
 def write_auto_map(config_file: Path) -> None:

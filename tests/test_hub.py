@@ -310,3 +310,19 @@ def test_predict_10k_pairs_keeps_input_order(cross_encoder_run, model_dir):
     with torch.no_grad():
         expected = torch.sigmoid(model(**inputs).logits).squeeze(-1)
     torch.testing.assert_close(at_once[picks], expected, rtol=0, atol=1e-5)
+
+
+def test_push_to_hub_uploads_the_complete_folder(model_dir, tmp_path, monkeypatch):
+    """``save_pretrained(push_to_hub=True)`` pushes only after the code files and auto_map are written."""
+    model = SparseCrossEncoderForSequenceClassification.from_pretrained(model_dir)
+    pushed = []
+
+    def fake_push(repo_id, **kwargs):  # stands in for the network upload; records the folder as it is then
+        pushed.append((repo_id, kwargs, sorted(p.name for p in (tmp_path / "out").iterdir())))
+
+    monkeypatch.setattr(model, "push_to_hub", fake_push)
+    model.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id="me/tiny", commit_message="hi")
+    assert len(pushed) == 1
+    repo_id, kwargs, files = pushed[0]
+    assert repo_id == "me/tiny" and kwargs == {"commit_message": "hi"}
+    assert {p.name for p in remote_code_files()} <= set(files) and "config.json" in files
