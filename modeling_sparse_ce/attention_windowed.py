@@ -8,6 +8,8 @@ side, in one joint softmax, so no document x document score matrix is ever forme
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -38,42 +40,40 @@ def windowed_attention(
     q_cls, q_query, q_doc = layout.split(query)
     k_cls, k_query, k_doc = layout.split(key)
     v_cls, v_query, v_doc = layout.split(value)
-    # per-segment padded views: [rows, heads, len, dim]
-    kq, vq = (layout.pad_query(x).transpose(1, 2) for x in (k_query, v_query))
-    kd, vd = (layout.pad_doc(x).transpose(1, 2) for x in (k_doc, v_doc))
-    kc, vc = k_cls[:, :, None], v_cls[:, :, None]
-    query_mask, doc_mask = layout.query_mask(), layout.doc_mask()
-    cls_mask = query_mask.new_ones((layout.batch_size, 1))
     row_query = layout.row_to_query
+    window = pattern.window[Segment.DOC][Segment.DOC]
+    plan = layout.cached(("band", window), lambda: _band_plan(layout, window))
+    kd, vd = plan.padded(k_doc, layout.batch_size), plan.padded(v_doc, layout.batch_size)
 
-    segments = {
-        Segment.CLS: (kc, vc, cls_mask),
-        Segment.QUERY: (kq, vq, query_mask),
-        Segment.DOC: (kd, vd, doc_mask),
-    }
+    def segment(dst: Segment, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values ``[rows, heads, len, dim]`` and mask ``[rows, len]`` of segment ``dst`` for each row."""
+        if dst is Segment.CLS:
+            return k_cls[rows, :, None], v_cls[rows, :, None], layout.cached("cls-mask", lambda: torch.ones(
+                layout.batch_size, 1, dtype=torch.bool, device=query.device))[rows]
+        if dst is Segment.QUERY:
+            k, v = (layout.pad_query(x).transpose(1, 2) for x in (k_query, v_query))
+            return k[row_query[rows]], v[row_query[rows]], layout.cached("query-mask", layout.query_mask)[row_query[rows]]
+        return kd[rows], vd[rows], plan.key_mask[rows]
 
-    def keys_for(src: Segment, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Concatenated keys/values/mask of the segments ``src`` attends to, for each batch row."""
-        parts = []
-        for dst, (k, v, m) in segments.items():
-            if not pattern.allows(src, dst):
-                continue
-            if dst is Segment.QUERY:
-                k, v, m = k[rows], v[rows], m[rows]
-            parts.append((k, v, m))
+    def keys_for(src: Segment, rows: torch.Tensor, include_self: bool = True):
+        """Keys, values and mask of all segments ``src`` attends to, concatenated along the key axis."""
+        parts = [segment(dst, rows) for dst in (Segment.CLS, Segment.QUERY, Segment.DOC)
+                 if pattern.allows(src, dst) and (include_self or dst is not src)]
+        if not parts:
+            empty = query.new_zeros((rows.shape[0], query.shape[1], 0, query.shape[2]))
+            return empty, empty, torch.zeros(rows.shape[0], 0, dtype=torch.bool, device=query.device)
         return tuple(torch.cat(xs, dim=-2 if i < 2 else -1) for i, xs in enumerate(zip(*parts)))
 
+    rows = torch.arange(layout.batch_size, device=query.device)
     # [CLS] rows: [batch, heads, 1, dim]
-    k, v, m = keys_for(Segment.CLS, row_query)
-    out_cls = _sdpa(q_cls[:, :, None], k, v, m, scaling, dropout)[:, :, 0]
-    # query rows: [queries, heads, max_query_len, dim]; rows equal queries unless the query is shared
-    k, v, m = keys_for(Segment.QUERY, torch.arange(layout.num_queries, device=query.device))
+    out_cls = _sdpa(q_cls[:, :, None], *keys_for(Segment.CLS, rows), scaling, dropout)[:, :, 0]
+    # query rows: [queries, heads, max_query_len, dim]; a shared query is read from its first row
     qq = layout.pad_query(q_query).transpose(1, 2)
-    out_query = layout.unpad_query(_sdpa(qq, k, v, m, scaling, dropout).transpose(1, 2))
-    # document rows
-    qd = layout.pad_doc(q_doc).transpose(1, 2)
-    out_doc = _document_attention(qd, kd, vd, doc_mask, layout, pattern, row_query, kc, vc, kq, vq, query_mask, scaling, dropout)
-    out_doc = layout.unpad_doc(out_doc.transpose(1, 2))
+    out_query = _sdpa(qq, *keys_for(Segment.QUERY, layout.query_rows), scaling, dropout)
+    out_query = layout.unpad_query(out_query.transpose(1, 2))
+    # document rows: prefix segments whole, own segment banded
+    prefix = keys_for(Segment.DOC, rows, include_self=False)
+    out_doc = _document_attention(q_doc, kd, vd, plan, layout, pattern, prefix, scaling, dropout)
     return torch.cat([out_cls, out_query, out_doc]), None
 
 
@@ -95,49 +95,85 @@ def _sdpa(q, k, v, key_mask, scaling, dropout):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None], dropout_p=dropout, scale=scaling)
 
 
-def _document_attention(qd, kd, vd, doc_mask, layout, pattern, row_query, kc, vc, kq, vq, query_mask, scaling, dropout):
-    """Document rows: joint softmax over prefix keys and a blocked band of document keys.
+@dataclass(frozen=True)
+class _BandPlan:
+    """Where document tokens go in blocked, halo-padded rows, and which band keys each row may see.
 
-    Shapes: qd, kd, vd ``[batch, heads, max_doc_len, dim]``; returns ``[batch, heads, max_doc_len, dim]``.
+    Attributes:
+        block: Rows per block.
+        halo: Keys left and right of a block (``w``; 0 when the window covers the whole document).
+        num_blocks: Blocks per document.
+        rows: ``[doc tokens]`` batch row of each packed document token.
+        cols: ``[doc tokens]`` column of each token in a padded row of ``halo + num_blocks * block + halo``.
+        blocked: ``[batch, 1, blocks, block, block + 2 * halo]`` True where a band key is NOT attended.
+        key_mask: ``[batch, width]`` True on the columns that hold document tokens.
     """
-    batch, heads, doc_len, dim = qd.shape
-    prefix = []
-    if pattern.allows(Segment.DOC, Segment.CLS):
-        prefix.append((kc, vc, doc_mask.new_ones((batch, 1))))
-    if pattern.allows(Segment.DOC, Segment.QUERY):
-        prefix.append((kq[row_query], vq[row_query], query_mask[row_query]))
-    if prefix:
-        kp, vp, mp = (torch.cat(xs, dim=-2 if i < 2 else -1) for i, xs in enumerate(zip(*prefix)))
-    else:
-        kp = vp = qd.new_zeros((batch, heads, 0, dim))
-        mp = doc_mask.new_zeros((batch, 0))
-    num_prefix = kp.shape[2]
 
-    window = pattern.window[Segment.DOC][Segment.DOC]
+    block: int
+    halo: int
+    num_blocks: int
+    rows: torch.Tensor
+    cols: torch.Tensor
+    blocked: torch.Tensor
+    key_mask: torch.Tensor
+
+    def padded(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        """Packed document tokens ``[doc tokens, heads, dim]`` to halo-padded rows ``[batch, heads, width, dim]``."""
+        out = x.new_zeros((batch, x.shape[1], self.width, x.shape[2]))
+        out[self.rows, :, self.cols] = x
+        return out
+
+    @property
+    def width(self) -> int:
+        return self.num_blocks * self.block + 2 * self.halo
+
+
+def _band_plan(layout: SegmentLayout, window: int | None) -> _BandPlan:
+    doc_len, device = layout.max_doc_len, layout.doc_lengths.device
     banded = window is not None and window < doc_len - 1  # else the window covers the whole document
     block, halo = (min(document_block_size(window), doc_len), window) if banded else (doc_len, 0)
     num_blocks = -(-doc_len // block)
-    padded_len = num_blocks * block
-    tail = padded_len - doc_len
-    # q: [batch, heads, blocks, block, dim]; k/v band: [batch, heads, blocks, dim, block + 2 * halo]
-    qb = F.pad(qd, (0, 0, 0, tail)).unflatten(2, (num_blocks, block))
-    kb = F.pad(kd, (0, 0, halo, tail + halo)).unfold(2, block + 2 * halo, block)
-    vb = F.pad(vd, (0, 0, halo, tail + halo)).unfold(2, block + 2 * halo, block)
-    band_scores = torch.matmul(qb, kb)
-    prefix_scores = torch.matmul(qb, kp[:, :, None].transpose(-1, -2))  # [batch, heads, blocks, block, prefix]
-    scores = torch.cat([prefix_scores, band_scores], dim=-1) * scaling
-
-    # mask: [batch, 1, blocks, block, prefix + band]
-    key_pos = torch.arange(num_blocks, device=qd.device)[:, None] * block - halo + torch.arange(block + 2 * halo, device=qd.device)
+    slots = layout.doc_slots  # row * max_doc_len + position
+    rows, cols = slots // doc_len, slots % doc_len + halo
+    key_pos = torch.arange(num_blocks, device=device)[:, None] * block - halo + torch.arange(block + 2 * halo, device=device)
     key_valid = (key_pos[None] >= 0) & (key_pos[None] < layout.doc_lengths[:, None, None])  # [batch, blocks, band]
-    band_mask = key_valid[:, :, None, :]
+    allowed = key_valid[:, :, None, :]
     if banded:  # |row - key| <= w  <=>  0 <= key slot - row slot <= 2w
-        offset = torch.arange(block + 2 * halo, device=qd.device)[None, :] - torch.arange(block, device=qd.device)[:, None]
-        band_mask = band_mask & ((offset >= 0) & (offset <= 2 * halo))
-    prefix_mask = mp[:, None, None, :].expand(batch, num_blocks, block, num_prefix)
-    mask = torch.cat([prefix_mask, band_mask.expand(batch, num_blocks, block, -1)], dim=-1)[:, None]
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores.float(), dim=-1).to(qd.dtype)
+        offset = torch.arange(block + 2 * halo, device=device)[None, :] - torch.arange(block, device=device)[:, None]
+        allowed = allowed & ((offset >= 0) & (offset <= 2 * halo))
+    blocked = ~allowed.expand(layout.batch_size, num_blocks, block, block + 2 * halo)[:, None]
+    width = torch.arange(num_blocks * block + 2 * halo, device=device)[None, :] - halo
+    key_mask = (width >= 0) & (width < layout.doc_lengths[:, None])
+    return _BandPlan(block, halo, num_blocks, rows, cols, blocked, key_mask)
+
+
+def _document_attention(q_doc, kd, vd, plan, layout, pattern, prefix_keys, scaling, dropout):
+    """Document rows: one softmax over the prefix keys and a blocked band of document keys.
+
+    Args:
+        q_doc: Packed document queries ``[doc tokens, heads, dim]``.
+        kd, vd: Halo-padded document keys and values ``[batch, heads, width, dim]`` (:meth:`_BandPlan.padded`).
+        plan: The layout's :class:`_BandPlan`.
+        prefix_keys: Keys, values ``[batch, heads, prefix, dim]`` and mask ``[batch, prefix]`` of [CLS] and query.
+
+    Returns:
+        Packed output ``[doc tokens, heads, dim]``.
+    """
+    kp, vp, prefix_mask = prefix_keys
+    num_prefix = kp.shape[2]
+    span = plan.num_blocks * plan.block
+    # q: [batch, heads, blocks, block, dim]; k/v band: [batch, heads, blocks, dim, block + 2 * halo]
+    qb = plan.padded(q_doc, layout.batch_size)[:, :, plan.halo : plan.halo + span].unflatten(2, (plan.num_blocks, plan.block))
+    kb = kd.unfold(2, plan.block + 2 * plan.halo, plan.block)
+    vb = vd.unfold(2, plan.block + 2 * plan.halo, plan.block)
+    prefix_scores = torch.matmul(qb, kp[:, :, None].transpose(-1, -2))  # [batch, heads, blocks, block, prefix]
+    scores = torch.cat([prefix_scores, torch.matmul(qb, kb)], dim=-1).mul_(scaling)
+    blocked = layout.cached(("doc-blocked", pattern), lambda: torch.cat(
+        [(~prefix_mask)[:, None, None, None, :].expand(*plan.blocked.shape[:-1], num_prefix), plan.blocked], dim=-1))
+    scores.masked_fill_(blocked, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores.float(), dim=-1).to(q_doc.dtype)
     probs = F.dropout(probs, p=dropout, training=dropout > 0)
-    out = torch.matmul(probs[..., :num_prefix], vp[:, :, None]) + torch.matmul(probs[..., num_prefix:], vb.transpose(-1, -2))
-    return out.flatten(2, 3)[:, :, :doc_len]
+    out = torch.matmul(probs[..., num_prefix:], vb.transpose(-1, -2))
+    if num_prefix:
+        out += torch.matmul(probs[..., :num_prefix], vp[:, :, None])
+    return out.flatten(2, 3)[plan.rows, :, plan.cols - plan.halo]

@@ -8,7 +8,8 @@ and rows that share a query share its tokens (the query is computed once when th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -46,6 +47,13 @@ class SegmentLayout:
     doc_slots: torch.Tensor
     max_query_len: int
     max_doc_len: int
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def cached(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()`` once per layout: masks and index plans shared by all layers of one forward."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
 
     @property
     def batch_size(self) -> int:
