@@ -45,34 +45,35 @@ def windowed_attention(
     plan = layout.cached(("band", window), lambda: _band_plan(layout, window))
     kd, vd = plan.padded(k_doc, layout.batch_size), plan.padded(v_doc, layout.batch_size)
 
-    def segment(dst: Segment, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys, values ``[rows, heads, len, dim]`` and mask ``[rows, len]`` of segment ``dst`` for each row."""
-        if dst is Segment.CLS:
-            return k_cls[rows, :, None], v_cls[rows, :, None], layout.cached("cls-mask", lambda: torch.ones(
-                layout.batch_size, 1, dtype=torch.bool, device=query.device))[rows]
-        if dst is Segment.QUERY:
-            k, v = (layout.pad_query(x).transpose(1, 2) for x in (k_query, v_query))
-            return k[row_query[rows]], v[row_query[rows]], layout.cached("query-mask", layout.query_mask)[row_query[rows]]
-        return kd[rows], vd[rows], plan.key_mask[rows]
+    kq, vq = (layout.pad_query(x).transpose(1, 2) for x in (k_query, v_query))
+    query_mask = layout.cached("query-mask", layout.query_mask)
+    cls_mask = layout.cached("cls-mask", lambda: query_mask.new_ones((layout.batch_size, 1)))
 
-    def keys_for(src: Segment, rows: torch.Tensor, include_self: bool = True):
-        """Keys, values and mask of all segments ``src`` attends to, concatenated along the key axis."""
-        parts = [segment(dst, rows) for dst in (Segment.CLS, Segment.QUERY, Segment.DOC)
-                 if pattern.allows(src, dst) and (include_self or dst is not src)]
-        if not parts:
-            empty = query.new_zeros((rows.shape[0], query.shape[1], 0, query.shape[2]))
-            return empty, empty, torch.zeros(rows.shape[0], 0, dtype=torch.bool, device=query.device)
-        return tuple(torch.cat(xs, dim=-2 if i < 2 else -1) for i, xs in enumerate(zip(*parts)))
+    def keys_for(src: Segment, rows: str, include_self: bool = True):
+        """Keys, values ``[rows, heads, keys, dim]`` and mask ``[rows, keys]`` of the segments ``src`` attends to.
 
-    rows = torch.arange(layout.batch_size, device=query.device)
+        ``rows="batch"``: one per input row ([CLS] and document rows), reading each row's (possibly shared) query;
+        ``rows="queries"``: one per unique query, which sees [CLS] or the document only when no query is shared.
+        """
+        share = rows == "batch" and layout.shares_queries
+        segments = {
+            Segment.CLS: lambda: (k_cls[:, :, None], v_cls[:, :, None], cls_mask),
+            Segment.QUERY: lambda: (kq[row_query], vq[row_query], query_mask[row_query]) if share else (kq, vq, query_mask),
+            Segment.DOC: lambda: (kd, vd, plan.key_mask),
+        }
+        parts = [part() for dst, part in segments.items() if pattern.allows(src, dst) and (include_self or dst is not src)]
+        if not parts:  # only document rows can have no prefix
+            empty = query.new_zeros((layout.batch_size, query.shape[1], 0, query.shape[2]))
+            return empty, empty, cls_mask[:, :0]
+        return tuple(torch.cat(xs, dim=-2 if i < 2 else -1) if len(xs) > 1 else xs[0] for i, xs in enumerate(zip(*parts)))
+
     # [CLS] rows: [batch, heads, 1, dim]
-    out_cls = _sdpa(q_cls[:, :, None], *keys_for(Segment.CLS, rows), scaling, dropout)[:, :, 0]
-    # query rows: [queries, heads, max_query_len, dim]; a shared query is read from its first row
+    out_cls = _sdpa(q_cls[:, :, None], *keys_for(Segment.CLS, "batch"), scaling, dropout)[:, :, 0]
+    # query rows: [queries, heads, max_query_len, dim]
     qq = layout.pad_query(q_query).transpose(1, 2)
-    out_query = _sdpa(qq, *keys_for(Segment.QUERY, layout.query_rows), scaling, dropout)
-    out_query = layout.unpad_query(out_query.transpose(1, 2))
+    out_query = layout.unpad_query(_sdpa(qq, *keys_for(Segment.QUERY, "queries"), scaling, dropout).transpose(1, 2))
     # document rows: prefix segments whole, own segment banded
-    prefix = keys_for(Segment.DOC, rows, include_self=False)
+    prefix = keys_for(Segment.DOC, "batch", include_self=False)
     out_doc = _document_attention(q_doc, kd, vd, plan, layout, pattern, prefix, scaling, dropout)
     return torch.cat([out_cls, out_query, out_doc]), None
 

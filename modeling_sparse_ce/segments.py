@@ -266,6 +266,8 @@ def _group_queries(
     keys = torch.where(j < query_lengths[:, None], keys, torch.full_like(keys, -1))
     _, row_to_query = torch.unique(keys, dim=0, return_inverse=True)
     num_queries = int(row_to_query.max()) + 1
+    if num_queries == batch:  # nothing shared: keep rows in order (unique() sorts them)
+        return rows, rows
     query_rows = torch.full((num_queries,), batch, dtype=torch.long, device=input_ids.device)
     query_rows = query_rows.scatter_reduce(0, row_to_query, rows, reduce="amin")
     return row_to_query, query_rows

@@ -180,3 +180,15 @@ def test_dense_weights_are_zero_outside_the_pattern():
     torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights.sum(-1)))
     # query row 1 of row 0 sees only the query: [CLS] (col 0) and document columns stay zero
     assert torch.all(weights[0, :, 1, 0] == 0) and torch.all(weights[0, :, 1, 4:] == 0)
+
+
+def test_distinct_queries_in_unsorted_order_keep_their_rows():
+    """Regression: unique() sorts queries; with nothing shared every row must still read its own query."""
+    flags = {flag: False for flag in DIRECTION_FLAGS} | {"doc_query_attention": True}
+    pattern = pattern_of(flags, None)
+    layout = make_layout([1, 1], [1, 1], [1, 0], share=True)
+    assert layout.row_to_query.tolist() == [0, 1] and not layout.shares_queries
+    qkv = random_qkv(layout)
+    expected = oracle(*[x.detach() for x in qkv], layout, flags, None)
+    for backend in BACKENDS:
+        torch.testing.assert_close(run(backend, qkv, layout, pattern), expected, atol=1e-5, rtol=1e-5, msg=backend)
