@@ -85,25 +85,13 @@ class SegmentLayout:
         """Query tokens ``[query tokens, ...]`` to ``[queries, max_query_len, ...]`` (zeros in padding)."""
         return _scatter_padded(x, self.query_slots, self.num_queries, self.max_query_len)
 
-    def pad_doc(self, x: torch.Tensor) -> torch.Tensor:
-        """Document tokens ``[doc tokens, ...]`` to ``[batch, max_doc_len, ...]`` (zeros in padding)."""
-        return _scatter_padded(x, self.doc_slots, self.batch_size, self.max_doc_len)
-
     def unpad_query(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`pad_query`."""
         return x.flatten(0, 1)[self.query_slots]
 
-    def unpad_doc(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`pad_doc`."""
-        return x.flatten(0, 1)[self.doc_slots]
-
     def query_mask(self) -> torch.Tensor:
         """``[queries, max_query_len]`` True on real query tokens."""
         return _length_mask(self.query_lengths, self.max_query_len)
-
-    def doc_mask(self) -> torch.Tensor:
-        """``[batch, max_doc_len]`` True on real document tokens."""
-        return _length_mask(self.doc_lengths, self.max_doc_len)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """Packed ``[tokens, ...]`` back to padded ``[batch, seq, ...]``; shared query tokens go to every row."""
