@@ -221,6 +221,9 @@ class SparseCrossEncoderModel(SparseCrossEncoderPreTrainedModel):
         patterns = self.layer_patterns()
         share = self.config.share_query and all(p.query_is_independent for p in patterns)
         layout = build_segment_layout(input_ids, attention_mask, token_type_ids, self.config.sep_token_id, share)
+        for name, lengths in (("query", layout.query_lengths), ("document", layout.doc_lengths)):
+            if bool((lengths == 1).any()):  # the segment holds only its [SEP]
+                logger.warning_once(f"some rows have an empty {name} ([SEP] only); they are scored as they are")
         backend_name = attention_backend or self.config.attention_backend
         backends = [resolve_backend(backend_name, p, output_attentions) for p in patterns]
         flat_ids = input_ids.flatten()[layout.positions]

@@ -235,3 +235,18 @@ def test_presets_and_legacy_config():
         SparseCrossEncoderConfig.from_legacy_dict({"model_type": "roberta"})
     round_trip = SparseCrossEncoderConfig.from_dict(config.to_dict())
     assert round_trip.pattern_flags == config.pattern_flags
+
+
+def test_empty_document_is_scored_with_a_warning(tiny_tokenizer, caplog):
+    import transformers
+
+    model = sparse_model(tiny_tokenizer)
+    batch = pairs_batch(tiny_tokenizer, [(QUERIES[0], DOCS[0]), (QUERIES[1], "")])
+    transformers.logging.enable_propagation()
+    try:
+        with torch.no_grad():
+            logits = model(**batch).logits
+    finally:
+        transformers.logging.disable_propagation()
+    assert torch.isfinite(logits).all() and logits.shape == (2, 1)
+    assert "empty document" in caplog.text
