@@ -39,7 +39,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 """Named attention patterns; ``attention_window_size`` is the default window of each preset."""
 
-ATTENTION_BACKENDS = ("auto", "dense", "windowed")
+ATTENTION_BACKENDS = ("auto", "dense", "windowed", "kernel")
+
+DEFAULT_KERNEL_REPO = "sparse-ce/sparse-attention"
+"""Intended Hub repo (type ``kernel``) of the fused op built from ``kernel_src/``; set ``kernel_repo_id`` to your own."""
 
 
 class SparseCrossEncoderConfig(BertConfig):
@@ -54,9 +57,12 @@ class SparseCrossEncoderConfig(BertConfig):
         query_doc_attention: Query tokens attend to the document.
         doc_cls_attention: Document tokens attend to [CLS].
         doc_query_attention: Document tokens attend to the query.
-        attention_backend: ``"auto"``, ``"dense"`` (masked SDPA oracle) or ``"windowed"`` (memory-linear).
+        attention_backend: ``"auto"``, ``"dense"`` (masked SDPA oracle), ``"windowed"`` (memory-linear PyTorch) or
+            ``"kernel"`` (the fused op from ``kernel_repo_id``). ``auto`` prefers the kernel when it loads for the device.
         share_query: Compute the query once for all rows of a batch that share it, when the pattern allows.
         sep_token_id: Id of [SEP], used to find segments when no ``token_type_ids`` are given.
+        kernel_repo_id: Hub repo of the attention kernel (``None``: never load one).
+        kernel_version: Major version of the kernel to load (``kernels.get_kernel(..., version=N)``).
         **kwargs: Any :class:`~transformers.BertConfig` field.
     """
 
@@ -74,6 +80,8 @@ class SparseCrossEncoderConfig(BertConfig):
         attention_backend: str = "auto",
         share_query: bool = True,
         sep_token_id: int | None = None,
+        kernel_repo_id: str | None = DEFAULT_KERNEL_REPO,
+        kernel_version: int = 1,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("num_labels", 1)
@@ -88,6 +96,8 @@ class SparseCrossEncoderConfig(BertConfig):
         self.attention_backend = attention_backend
         self.share_query = share_query
         self.sep_token_id = sep_token_id
+        self.kernel_repo_id = kernel_repo_id
+        self.kernel_version = kernel_version
         self.validate_pattern()
 
     @classmethod
@@ -138,6 +148,10 @@ class SparseCrossEncoderConfig(BertConfig):
             raise ValueError(f"attention_backend: expected one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if not isinstance(self.share_query, bool):
             raise ValueError(f"share_query: expected a bool, got {self.share_query!r}")
+        if self.kernel_repo_id is not None and (not isinstance(self.kernel_repo_id, str) or self.kernel_repo_id.count("/") != 1):
+            raise ValueError(f"kernel_repo_id: expected None or 'org/name', got {self.kernel_repo_id!r}")
+        if isinstance(self.kernel_version, bool) or not isinstance(self.kernel_version, int) or self.kernel_version < 1:
+            raise ValueError(f"kernel_version: expected an int >= 1, got {self.kernel_version!r}")
 
     @property
     def pattern_flags(self) -> dict[str, bool]:

@@ -10,12 +10,14 @@ from __future__ import annotations
 from typing import Callable
 
 from .attention_dense import dense_attention
+from .attention_kernel import kernel_attention
 from .attention_windowed import windowed_attention
 from .pattern import AttentionPattern
 
 ATTENTION_FUNCTIONS: dict[str, Callable] = {
     "dense": dense_attention,
     "windowed": windowed_attention,
+    "kernel": kernel_attention,  # needs ``kernel=<module>`` bound, see the model's backend resolution
 }
 
 
@@ -24,14 +26,16 @@ def register_attention_backend(name: str, function: Callable) -> None:
     ATTENTION_FUNCTIONS[name] = function
 
 
-def resolve_backend(name: str, pattern: AttentionPattern, output_attentions: bool) -> str:
+def resolve_backend(name: str, pattern: AttentionPattern, output_attentions: bool, kernel_ready: bool = False) -> str:
     """Pick the backend for ``name`` (``auto`` or a key of :data:`ATTENTION_FUNCTIONS`).
 
     ``auto``: dense when weights are requested or the pattern is plain full attention (one SDPA call is fastest
-    there), else windowed.
+    there), else the kernel when it is ready for this device and mode, else windowed.
     """
     if name == "auto":
-        return "dense" if output_attentions or pattern.is_full else "windowed"
+        if output_attentions or pattern.is_full:
+            return "dense"
+        return "kernel" if kernel_ready else "windowed"
     if name not in ATTENTION_FUNCTIONS:
         raise ValueError(f"attention_backend: unknown backend {name!r}; choose 'auto' or one of {sorted(ATTENTION_FUNCTIONS)}")
     return name

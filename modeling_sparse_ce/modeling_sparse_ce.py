@@ -8,6 +8,7 @@ several rows is computed once when it attends only to itself.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import sys
@@ -34,6 +35,7 @@ except ImportError:  # installed package: one top-level module, one class
     from configuration_sparse_ce import SparseCrossEncoderConfig
 
 from .attention import ATTENTION_FUNCTIONS, resolve_backend
+from .attention_kernel import kernel_supports, load_kernel
 from .pattern import AttentionPattern
 from .segments import SegmentLayout, build_segment_layout
 
@@ -68,11 +70,11 @@ class SparseSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
-        self, hidden: torch.Tensor, layout: SegmentLayout, pattern: AttentionPattern, backend: str, output_attentions: bool
+        self, hidden: torch.Tensor, layout: SegmentLayout, pattern: AttentionPattern, attend, output_attentions: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # hidden: [tokens, hidden]; q/k/v: [tokens, heads, dim]
+        # hidden: [tokens, hidden]; q/k/v: [tokens, heads, dim]; attend: a function of the dispatch table
         q, k, v = (proj(hidden).unflatten(-1, (self.num_heads, self.head_dim)) for proj in (self.query, self.key, self.value))
-        out, weights = ATTENTION_FUNCTIONS[backend](
+        out, weights = attend(
             q, k, v, layout, pattern,
             scaling=self.scaling,
             dropout=self.dropout_prob if self.training else 0.0,
@@ -207,6 +209,25 @@ class SparseCrossEncoderModel(SparseCrossEncoderPreTrainedModel):
         """The attention pattern of each layer (the same for all layers today)."""
         return [AttentionPattern.from_config(self.config)] * self.config.num_hidden_layers
 
+    def attention_functions(self, name: str, patterns: list[AttentionPattern], output_attentions: bool) -> list:
+        """The attention function of each layer for backend ``name``; loads the kernel when it may be used."""
+        wants_kernel = name == "kernel" or (
+            name == "auto"
+            and not output_attentions
+            and not (self.training and self.config.attention_probs_dropout_prob > 0)  # dropout is not fused
+            and not all(p.is_full for p in patterns)
+        )
+        kernel = load_kernel(self.config.kernel_repo_id, self.config.kernel_version) if wants_kernel else None
+        if kernel is not None and not kernel_supports(kernel, self.device):
+            kernel = None
+        if name == "kernel" and kernel is None:
+            raise RuntimeError(
+                f"attention_backend='kernel': no kernel for {self.device} (repo {self.config.kernel_repo_id!r}, "
+                "see the log); use 'auto' to fall back to the windowed backend"
+            )
+        names = [resolve_backend(name, p, output_attentions, kernel_ready=kernel is not None) for p in patterns]
+        return [functools.partial(ATTENTION_FUNCTIONS[n], kernel=kernel) if n == "kernel" else ATTENTION_FUNCTIONS[n] for n in names]
+
     def encode(
         self,
         input_ids: torch.Tensor,
@@ -224,8 +245,7 @@ class SparseCrossEncoderModel(SparseCrossEncoderPreTrainedModel):
         for name, lengths in (("query", layout.query_lengths), ("document", layout.doc_lengths)):
             if bool((lengths == 1).any()):  # the segment holds only its [SEP]
                 logger.warning_once(f"some rows have an empty {name} ([SEP] only); they are scored as they are")
-        backend_name = attention_backend or self.config.attention_backend
-        backends = [resolve_backend(backend_name, p, output_attentions) for p in patterns]
+        backends = self.attention_functions(attention_backend or self.config.attention_backend, patterns, output_attentions)
         flat_ids = input_ids.flatten()[layout.positions]
         seq = layout.seq_len
         segment = layout.segment_ids.flatten()[layout.positions]
