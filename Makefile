@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 test: setup
+	@if command -v nvcc >/dev/null; then PYTHON=$(PY) bash kernel_src/scripts/check_cuda.sh; \
+	else echo "nvcc not found: CUDA compile check skipped"; fi
 	$(VENV)/bin/pytest -q
 
 $(MODEL)/config.json: | setup

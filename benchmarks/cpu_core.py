@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -45,7 +46,8 @@ def build(system: str, max_len: int):
         return SparseCrossEncoderForSequenceClassification(config).eval(), {"attention_backend": "floor"}
     if option == "unshared":
         config.share_query = False
-    return SparseCrossEncoderForSequenceClassification(config).eval(), {"attention_backend": "windowed"}
+    backend = "kernel" if name == "kernel" else "windowed"  # kernel: the build named by SPARSE_CE_KERNEL
+    return SparseCrossEncoderForSequenceClassification(config).eval(), {"attention_backend": backend}
 
 
 def inputs(total: int, docs: int, lengths: list[int] | None = None):
@@ -136,24 +138,28 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kernel", help="also time the fused CPU kernel of this build folder (kernel_src/build_local.py)")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.kernel:
+        os.environ["SPARSE_CE_KERNEL"] = args.kernel  # read by the model's kernel loader, here and in subprocesses
     if args.job:
         print(json.dumps(peak_memory(**json.loads(args.job))))
         return
-    systems = ["floor", "bert-sdpa", "sparse"]
+    systems = ["floor", "bert-sdpa", "sparse"] + (["kernel"] if args.kernel else [])
     print(f"threads={args.threads} repeats={args.repeats}: median ms per sequence (systems interleaved in one process),")
     print("MB = peak resident-memory growth of one forward in a fresh process\n")
-    print("| tokens | " + " | ".join(f"{s} ms | {s} MB" for s in systems) + " | sparse / floor | sparse / sdpa | MB sparse / floor |")
+    fast = systems[-1]  # the kernel when given, else the windowed backend
+    print("| tokens | " + " | ".join(f"{s} ms | {s} MB" for s in systems) + f" | {fast} / floor | {fast} / sdpa | MB {fast} / floor |")
     print("|---" * (2 * len(systems) + 4) + "|")
     for total in args.lengths:
         ms = interleaved_times(systems, total, 1, args.repeats, args.threads)
         mb = {s: in_subprocess(system=s, total=total, docs=1, threads=args.threads, lengths=None)["peak_mb"] for s in systems}
         cells = " | ".join(f"{ms[s]:.1f} | {mb[s]:.0f}" for s in systems)
-        print(f"| {total} | {cells} | {ms['sparse'] / ms['floor']:.2f} | {ms['sparse'] / ms['bert-sdpa']:.2f} "
-              f"| {mb['sparse'] / mb['floor']:.2f} |")
+        print(f"| {total} | {cells} | {ms[fast] / ms['floor']:.2f} | {ms[fast] / ms['bert-sdpa']:.2f} "
+              f"| {mb[fast] / mb['floor']:.2f} |")
     lengths = passage_lengths(100)
-    passage_systems = ["sparse:unshared", "sparse", "bert-sdpa", "floor"]
+    passage_systems = ["sparse:unshared", "sparse", "bert-sdpa", "floor"] + (["kernel"] if args.kernel else [])
     ms = interleaved_times(passage_systems, 0, 100, args.repeats, args.threads, lengths)
     print("\n1 query x 100 passages (total lengths 40-164, right-padded batch), ms per passage:")
     for system in passage_systems:

@@ -1,0 +1,69 @@
+"""Sparse cross-encoder attention (Schlatt et al., ECIR 2024) on packed, ragged inputs: a Hugging Face Hub kernel.
+
+Packed token order: ``[CLS]`` of every row | tokens of each unique query | tokens of each document. See
+``torch-ext/torch_binding.h`` for the op contract. :func:`sparse_attention` is differentiable in ``q``, ``k``, ``v``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._ops import add_op_namespace_prefix, ops
+
+__all__ = ["sparse_attention", "sparse_attention_fwd", "sparse_attention_bwd", "ops", "add_op_namespace_prefix"]
+
+
+def sparse_attention_fwd(q, k, v, cu_queries, cu_docs, row_to_query, flags: int, window: int, scale: float):
+    """Raw forward op: ``(out [T, H, D], lse [T, H] float32)``."""
+    return ops.sparse_attention_fwd(q, k, v, cu_queries, cu_docs, row_to_query, int(flags), int(window), float(scale))
+
+
+def sparse_attention_bwd(grad_out, q, k, v, out, lse, cu_queries, cu_docs, row_to_query, flags, window, scale):
+    """Raw backward op: ``(dq, dk, dv)``."""
+    return ops.sparse_attention_bwd(
+        grad_out, q, k, v, out, lse, cu_queries, cu_docs, row_to_query, int(flags), int(window), float(scale)
+    )
+
+
+class _SparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_queries, cu_docs, row_to_query, flags, window, scale):
+        out, lse = sparse_attention_fwd(q, k, v, cu_queries, cu_docs, row_to_query, flags, window, scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_queries, cu_docs, row_to_query)
+        ctx.args = (flags, window, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_queries, cu_docs, row_to_query = ctx.saved_tensors
+        dq, dk, dv = sparse_attention_bwd(
+            grad_out.contiguous(), q, k, v, out, lse, cu_queries, cu_docs, row_to_query, *ctx.args
+        )
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_queries: torch.Tensor,
+    cu_docs: torch.Tensor,
+    row_to_query: torch.Tensor,
+    flags: int,
+    window: int | None = -1,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention output ``[T, H, D]`` of the packed tokens.
+
+    Args:
+        q, k, v: ``[T, H, D]`` contiguous, float32 / float16 / bfloat16.
+        cu_queries: int64 ``[U + 1]``, ``cu_queries[0] = B``; query ``u`` owns ``[cu_queries[u], cu_queries[u+1])``.
+        cu_docs: int64 ``[B + 1]``, ``cu_docs[0] = cu_queries[U]``; document ``b`` owns ``[cu_docs[b], cu_docs[b+1])``.
+        row_to_query: int64 ``[B]``, the query of each row.
+        flags: bitmask, bit i = direction i of (cls_query, cls_doc, query_cls, query_doc, doc_cls, doc_query).
+        window: one-sided document window ``w >= 0``; ``-1`` or ``None`` for unlimited.
+        scale: score scale, ``1 / sqrt(D)`` when ``None``.
+    """
+    window = -1 if window is None else int(window)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _SparseAttention.apply(q, k, v, cu_queries, cu_docs, row_to_query, int(flags), window, scale)
