@@ -15,6 +15,7 @@
 //   all documents of that query without synchronisation. All indexing is 64-bit.
 #include "torch_binding.h"
 
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 

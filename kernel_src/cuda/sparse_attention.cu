@@ -25,18 +25,7 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <cuda_runtime.h>
 
-// The two entry points, declared exactly as in ../torch-ext/torch_binding.h (the contract). That header is not
-// included because it pulls in <torch/torch.h>: under nvcc with -std=c++20 the torch C++ frontend headers emit
-// warnings (#3189-D, "module" parsed as an identifier) and roughly double the compile time. A signature drift
-// shows up as an undefined symbol when the extension links.
-std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(
-    const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &cu_queries,
-    const at::Tensor &cu_docs, const at::Tensor &row_to_query, int64_t flags, int64_t window, double scale);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cuda(
-    const at::Tensor &grad_out, const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &out,
-    const at::Tensor &lse, const at::Tensor &cu_queries, const at::Tensor &cu_docs, const at::Tensor &row_to_query,
-    int64_t flags, int64_t window, double scale);
+#include "../torch-ext/torch_binding.h"  // the contract: the two entry points defined below
 
 // Deliberately no c10/cuda or ATen/cuda headers: the CPU torch wheel ships them without the generated
 // c10/cuda/impl/cuda_cmake_macros.h (and ATen/cuda/CUDAContext.h needs cuBLAS headers), which would make the

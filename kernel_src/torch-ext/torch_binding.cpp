@@ -46,12 +46,12 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "Tensor cu_queries, Tensor cu_docs, Tensor row_to_query, int flags, int window, float scale) "
       "-> (Tensor, Tensor, Tensor)");
 #ifdef SPARSE_CE_CPU
-  ops.impl("sparse_attention_fwd", torch::kCPU, &sparse_attention_fwd_cpu);
-  ops.impl("sparse_attention_bwd", torch::kCPU, &sparse_attention_bwd_cpu);
+  ops.impl("sparse_attention_fwd", c10::kCPU, &sparse_attention_fwd_cpu);
+  ops.impl("sparse_attention_bwd", c10::kCPU, &sparse_attention_bwd_cpu);
 #endif
 #ifdef SPARSE_CE_CUDA
-  ops.impl("sparse_attention_fwd", torch::kCUDA, &sparse_attention_fwd_cuda);
-  ops.impl("sparse_attention_bwd", torch::kCUDA, &sparse_attention_bwd_cuda);
+  ops.impl("sparse_attention_fwd", c10::kCUDA, &sparse_attention_fwd_cuda);
+  ops.impl("sparse_attention_bwd", c10::kCUDA, &sparse_attention_bwd_cuda);
 #endif
 }
 

@@ -26,7 +26,7 @@
 
 #include <tuple>
 
-#include <torch/torch.h>
+#include <ATen/core/Tensor.h>  // not <torch/torch.h>: nvcc compiles this header too
 
 std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(
     const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &cu_queries,
