@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .pattern import AttentionPattern, Segment
+from .pattern import FLAG_DIRECTIONS, AttentionPattern
 from .segments import SegmentLayout
 
 try:  # optional dependency; remote code stays importable without it
@@ -29,15 +29,6 @@ logger = logging.getLogger(__name__)
 KERNEL_OVERRIDE_ENV = "SPARSE_CE_KERNEL"
 """A build folder (``.../build/<variant>`` parent or the kernel folder) to load instead of the Hub repo, or ``off``."""
 
-_FLAG_BITS = (
-    (Segment.CLS, Segment.QUERY),
-    (Segment.CLS, Segment.DOC),
-    (Segment.QUERY, Segment.CLS),
-    (Segment.QUERY, Segment.DOC),
-    (Segment.DOC, Segment.CLS),
-    (Segment.DOC, Segment.QUERY),
-)
-"""Bit ``i`` of the op's ``flags`` is direction ``i`` (the order of ``DIRECTION_FLAGS``)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,12 +60,8 @@ def kernel_supports(module, device: torch.device) -> bool:
 
 
 def pattern_flags(pattern: AttentionPattern) -> int:
-    """The op's direction bitmask for ``pattern`` (windows other than document->document are not expressible)."""
-    for src in (Segment.CLS, Segment.QUERY, Segment.DOC):
-        for dst in (Segment.CLS, Segment.QUERY, Segment.DOC):
-            if pattern.window[src][dst] is not None and (src, dst) != (Segment.DOC, Segment.DOC):
-                raise ValueError(f"kernel backend: a window on {src.name}->{dst.name} is not supported (documents only)")
-    return sum(1 << bit for bit, (src, dst) in enumerate(_FLAG_BITS) if pattern.allows(src, dst))
+    """The op's direction bitmask: bit ``i`` is direction ``i`` of :data:`FLAG_DIRECTIONS` (``DIRECTION_FLAGS`` order)."""
+    return sum(1 << bit for bit, (src, dst) in enumerate(FLAG_DIRECTIONS.values()) if pattern.allows(src, dst))
 
 
 def layout_offsets(layout: SegmentLayout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +93,7 @@ def kernel_attention(
     if kernel is None:
         raise RuntimeError("kernel backend: no kernel loaded")
     cu_queries, cu_docs = layout.cached("kernel-offsets", lambda: layout_offsets(layout))
-    window = pattern.window[Segment.DOC][Segment.DOC]
+    window = pattern.document_window("kernel backend")
     out = kernel.sparse_attention(
         query.contiguous(), key.contiguous(), value.contiguous(), cu_queries, cu_docs, layout.row_to_query,
         pattern_flags(pattern), -1 if window is None else window, scaling,

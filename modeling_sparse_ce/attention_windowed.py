@@ -37,11 +37,11 @@ def windowed_attention(
     if output_attentions:
         raise ValueError("output_attentions: only attention_backend='dense' returns attention weights")
     _check_supported(pattern, layout)
+    window = pattern.document_window("windowed backend")
     q_cls, q_query, q_doc = layout.split(query)
     k_cls, k_query, k_doc = layout.split(key)
     v_cls, v_query, v_doc = layout.split(value)
     row_query = layout.row_to_query
-    window = pattern.window[Segment.DOC][Segment.DOC]
     plan = layout.cached(("band", window), lambda: _band_plan(layout, window))
     kd, vd = plan.padded(k_doc, layout.batch_size), plan.padded(v_doc, layout.batch_size)
 
@@ -79,14 +79,6 @@ def windowed_attention(
 
 
 def _check_supported(pattern: AttentionPattern, layout: SegmentLayout) -> None:
-    for src in Segment:
-        for dst in Segment:
-            if src is Segment.PAD or dst is Segment.PAD:
-                continue
-            if pattern.window[src][dst] is not None and (src, dst) != (Segment.DOC, Segment.DOC):
-                raise ValueError(
-                    f"windowed backend: a window on {src.name}->{dst.name} is not supported (documents only)"
-                )
     if layout.shares_queries and not pattern.query_is_independent:
         raise ValueError("windowed backend: rows share a query although the query attends to [CLS] or the document")
 

@@ -24,7 +24,7 @@ class Segment(IntEnum):
 
 
 SEGMENTS = (Segment.CLS, Segment.QUERY, Segment.DOC)
-_FLAG_DIRECTIONS = {
+FLAG_DIRECTIONS = {
     "cls_query_attention": (Segment.CLS, Segment.QUERY),
     "cls_doc_attention": (Segment.CLS, Segment.DOC),
     "query_cls_attention": (Segment.QUERY, Segment.CLS),
@@ -32,6 +32,7 @@ _FLAG_DIRECTIONS = {
     "doc_cls_attention": (Segment.DOC, Segment.CLS),
     "doc_query_attention": (Segment.DOC, Segment.QUERY),
 }
+"""The six switchable directions as (from, to) segments, in the order of the config's ``DIRECTION_FLAGS``."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class AttentionPattern:
         """The paper's pattern from a config's six flags and ``attention_window_size`` (documents only)."""
         n = len(SEGMENTS)
         allowed = [[s == t for t in range(n)] for s in range(n)]
-        for flag, (src, dst) in _FLAG_DIRECTIONS.items():
+        for flag, (src, dst) in FLAG_DIRECTIONS.items():
             allowed[src][dst] = bool(getattr(config, flag))
         window = [[None] * n for _ in range(n)]
         window[Segment.DOC][Segment.DOC] = config.attention_window_size
@@ -60,6 +61,14 @@ class AttentionPattern:
     def allows(self, src: Segment, dst: Segment) -> bool:
         """Whether ``src`` tokens attend to ``dst`` tokens."""
         return self.allowed[src][dst]
+
+    def document_window(self, backend: str) -> int | None:
+        """The document->document window; raises for windows elsewhere, which ``backend`` cannot express."""
+        for src in SEGMENTS:
+            for dst in SEGMENTS:
+                if self.window[src][dst] is not None and (src, dst) != (Segment.DOC, Segment.DOC):
+                    raise ValueError(f"{backend}: a window on {src.name}->{dst.name} is not supported (documents only)")
+        return self.window[Segment.DOC][Segment.DOC]
 
     @property
     def query_is_independent(self) -> bool:

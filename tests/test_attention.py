@@ -192,3 +192,14 @@ def test_distinct_queries_in_unsorted_order_keep_their_rows():
     expected = oracle(*[x.detach() for x in qkv], layout, flags, None)
     for backend in BACKENDS:
         torch.testing.assert_close(run(backend, qkv, layout, pattern), expected, atol=1e-5, rtol=1e-5, msg=backend)
+
+
+def test_windows_outside_the_document_are_rejected_by_name():
+    pattern = pattern_of({flag: True for flag in DIRECTION_FLAGS}, 4)
+    assert pattern.document_window("windowed backend") == 4
+    window = [list(row) for row in pattern.window]
+    window[1][1] = 2  # query -> query
+    odd = AttentionPattern(pattern.allowed, tuple(map(tuple, window)))
+    layout = make_layout([2], [5], [0], False)
+    with pytest.raises(ValueError, match="windowed backend: a window on QUERY->QUERY"):
+        windowed_attention(*random_qkv(layout), layout, odd, scaling=1.0)
