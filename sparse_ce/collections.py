@@ -1,0 +1,146 @@
+"""Test collections for re-ranking: a first stage (queries, candidates with texts) plus qrels.
+
+Schlatt et al. (ECIR 2024, Table 1) re-rank the BM25 top-100 of TREC DL 2019 and 2020. The offline copies live in
+``../shared/data`` (see its README); Vaswani and SciFact have no shipped run, so their BM25 top-100 is retrieved with
+``bm25s`` (English stop words, Snowball stemming) and cached as a TREC run. Online, ``irds:<id>`` loads any
+ir_datasets collection with queries, documents and qrels and retrieves its BM25 top-100 the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import ir_measures
+
+from .data import Candidate, FirstStage, iter_corpus, read_dl_json, read_qrels, read_topics, write_run
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Collection:
+    """A re-ranking test collection.
+
+    Attributes:
+        name: Short name (``dl19``).
+        first_stage: Queries and candidates in rank order.
+        qrels: Judgements.
+        relevant_grade: The lowest grade counted as relevant by binary measures (2 on TREC DL passages).
+    """
+
+    name: str
+    first_stage: FirstStage
+    qrels: list[ir_measures.Qrel]
+    relevant_grade: int = 1
+
+    def measures(self) -> list[ir_measures.Measure]:
+        """nDCG@10 (graded), RR@10, R@10 and R@100 (binary at :attr:`relevant_grade`)."""
+        rel = self.relevant_grade
+        return [
+            ir_measures.parse_measure(m) for m in ("nDCG@10", f"RR(rel={rel})@10", f"R(rel={rel})@10", f"R(rel={rel})@100")
+        ]
+
+
+def _dl(year: int) -> Callable[[Path, Path, int], Collection]:
+    def load(data: Path, cache: Path, depth: int) -> Collection:
+        folder = data / "trec-dl"
+        stage = read_dl_json(folder / f"bm25_top100_dl{year}.json")
+        return Collection(f"dl{year}", stage, read_qrels(folder / f"qrels.dl{year}-passage.txt"), relevant_grade=2)
+
+    return load
+
+
+def _vaswani(data: Path, cache: Path, depth: int) -> Collection:
+    folder = data / "vaswani"
+    return _bm25_collection(
+        "vaswani", read_topics(folder / "query-text.trec"), folder / "doc-text.trec",
+        read_qrels(folder / "qrels"), cache, depth,
+    )
+
+
+def _scifact(data: Path, cache: Path, depth: int) -> Collection:
+    folder = data / "scifact"
+    return _bm25_collection(
+        "scifact", read_topics(folder / "topics.test.tsv.gz"), folder / "corpus.jsonl",
+        read_qrels(folder / "qrels.test.txt"), cache, depth,
+    )
+
+
+COLLECTIONS: dict[str, Callable[[Path, Path, int], Collection]] = {
+    "dl19": _dl(19),
+    "dl20": _dl(20),
+    "vaswani": _vaswani,
+    "scifact": _scifact,
+}
+"""Offline collection name -> loader(data folder, cache folder, first-stage depth)."""
+
+
+def load_collection(name: str, data: str | Path, cache: str | Path, depth: int = 100) -> Collection:
+    """Load a collection by name (:data:`COLLECTIONS`) or ir_datasets id (``irds:beir/scifact/test``).
+
+    Raises:
+        ValueError: for an unknown name.
+        FileNotFoundError: when the offline files are missing.
+    """
+    if name.startswith("irds:"):
+        return _irds(name, Path(cache), depth)
+    if name not in COLLECTIONS:
+        raise ValueError(f"collection: unknown {name!r}; choose from {', '.join(COLLECTIONS)} or irds:<id>")
+    return COLLECTIONS[name](Path(data), Path(cache), depth)
+
+
+def _bm25_collection(name, topics, corpus, qrels, cache: Path, depth: int) -> Collection:
+    """A collection whose first stage is the BM25 top-``depth`` of its judged queries (cached as a TREC run).
+
+    ``corpus`` is a corpus file (:func:`~sparse_ce.data.iter_corpus`) or a dict docid -> text.
+    """
+    judged = {q.query_id for q in qrels}
+    topics = {qid: text for qid, text in topics.items() if qid in judged}
+    docs = dict(corpus) if isinstance(corpus, dict) else dict(iter_corpus(corpus))
+    run_path = cache / "bm25" / f"{name}-top{depth}.run"
+    if run_path.is_file():
+        from .data import read_run
+
+        run = read_run(run_path)
+    else:
+        run = bm25_run(topics, docs, depth)
+        run_path.parent.mkdir(parents=True, exist_ok=True)
+        write_run(run_path, run, tag="bm25s")
+        logger.info("%s: BM25 top-%d written to %s", name, depth, run_path)
+    candidates = {qid: [Candidate(d, docs[d], s) for d, s in run[qid]] for qid in topics if qid in run}
+    return Collection(name, FirstStage({qid: topics[qid] for qid in candidates}, candidates), qrels)
+
+
+def bm25_run(topics: dict[str, str], docs: dict[str, str], depth: int) -> dict[str, list[tuple[str, float]]]:
+    """BM25 (bm25s, Lucene scoring, English stop words, Snowball stemming) top-``depth`` per query."""
+    import bm25s
+    import Stemmer
+
+    stemmer = Stemmer.Stemmer("english")
+    docids = list(docs)
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize([docs[d] for d in docids], stopwords="en", stemmer=stemmer, show_progress=False),
+                    show_progress=False)
+    qids = list(topics)
+    tokens = bm25s.tokenize([topics[q] for q in qids], stopwords="en", stemmer=stemmer, show_progress=False)
+    hits, scores = retriever.retrieve(tokens, k=min(depth, len(docids)), show_progress=False)
+    return {
+        qid: [(docids[int(i)], float(s)) for i, s in zip(hits[row], scores[row]) if s > 0]
+        for row, qid in enumerate(qids)
+    }
+
+
+def _irds(name: str, cache: Path, depth: int) -> Collection:
+    try:
+        import ir_datasets
+    except ImportError as error:
+        raise ImportError(f"{name}: install ir_datasets to load ir_datasets collections") from error
+    dataset = ir_datasets.load(name.removeprefix("irds:"))
+    topics = {q.query_id: q.default_text() for q in dataset.queries_iter()}
+    docs = {d.doc_id: d.default_text() for d in dataset.docs_iter()}
+    qrels = [ir_measures.Qrel(q.query_id, q.doc_id, q.relevance) for q in dataset.qrels_iter()]
+    safe = name.removeprefix("irds:").replace("/", "_")
+    return _bm25_collection(safe, topics, docs, qrels, cache, depth)

@@ -1,0 +1,256 @@
+"""``sparse-ce evaluate``: re-rank test collections with several systems, compare them to a baseline by a paired TOST.
+
+Schlatt et al. (ECIR 2024, Table 1) claim that sparse cross-encoders are as effective as full attention: equivalent
+within ±0.02 nDCG@10 by a paired two one-sided t-test (TOST; Schuirmann, 1987). This command re-ranks each
+collection's first stage with every system (a cross-encoder folder, or a sentence-transformers bi-encoder scored by
+cosine similarity), writes one TREC run per system and collection, computes the measures with ir_measures, and tests
+every system against ``--baseline`` per collection and over all queries pooled. The first stage itself is reported
+as the system ``bm25``. Existing run files are reused (``--rerun`` recomputes them), so an interrupted evaluation
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import ir_measures
+from scipy import stats
+
+from .collections import COLLECTIONS, Collection, load_collection
+from .data import read_run, write_run
+
+logger = logging.getLogger(__name__)
+
+FIRST_STAGE = "bm25"
+PRIMARY = "nDCG@10"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--system", nargs="+", required=True, metavar="NAME=MODEL",
+                        help="systems to evaluate: name=folder or Hub id (cross-encoder, or bi-encoder by cosine)")
+    parser.add_argument("--collections", nargs="+", default=["dl19", "dl20"],
+                        help=f"{', '.join(COLLECTIONS)} or irds:<id> (default: dl19 dl20)")
+    parser.add_argument("--baseline", help="system the others are tested against (default: the first)")
+    parser.add_argument("--bound", type=float, default=0.02, help="TOST equivalence bound on nDCG@10 (default 0.02)")
+    parser.add_argument("--alpha", type=float, default=0.05, help="TOST significance level (default 0.05)")
+    parser.add_argument("--depth", type=int, default=100, help="candidates re-ranked per query (default 100)")
+    parser.add_argument("--limit-queries", type=int, metavar="N", help="first N judged queries of each collection")
+    parser.add_argument("--output-dir", type=Path, required=True, help="runs/, results.json and results.md go here")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="offline data folder")
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "sparse-ce", help="BM25 runs")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, help="tokens per row (default: the model's)")
+    parser.add_argument("--dtype", help="model dtype for cross-encoders (default: float32 on CPU)")
+    parser.add_argument("--rerun", action="store_true", help="re-rank even where a run file exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    systems = dict(_parse_system(s) for s in args.system)
+    baseline = args.baseline or next(iter(systems))
+    if baseline not in systems and baseline != FIRST_STAGE:
+        raise SystemExit(f"--baseline: {baseline!r} is not one of the systems {', '.join(systems)}")
+    per_query = {}
+    for name in args.collections:
+        collection = load_collection(name, args.data, args.cache_dir, args.depth)
+        collection = truncate(collection, args.depth, args.limit_queries)
+        per_query[collection.name] = {}
+        for system, model in systems.items():
+            path = args.output_dir / "runs" / f"{system}-{collection.name}.run"
+            if args.rerun or not path.is_file():
+                rerank(model, collection, path, system, batch_size=args.batch_size, max_length=args.max_length,
+                       dtype=args.dtype)
+            per_query[collection.name][system] = measure_run(collection, read_run(path))
+        per_query[collection.name][FIRST_STAGE] = first_stage_scores(collection)  # the reference line, listed last
+    results = compare(per_query, baseline, args.bound)
+    results["setup"] = {"depth": args.depth, "limit_queries": args.limit_queries, "bound": args.bound,
+                        "alpha": args.alpha, "baseline": baseline, "systems": systems}
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    table = markdown(results, args.alpha)
+    (args.output_dir / "results.md").write_text(table + "\n")
+    print(table)
+    print(f"\nruns, results.json and results.md in {args.output_dir}")
+    return 0
+
+
+def _parse_system(text: str) -> tuple[str, str]:
+    name, sep, model = text.partition("=")
+    if not sep or not name or not model:
+        raise SystemExit(f"--system: expected NAME=MODEL, got {text!r}")
+    if name == FIRST_STAGE or "/" in name:
+        raise SystemExit(f"--system: {name!r} is reserved or not a plain name")
+    return name, model
+
+
+def truncate(collection: Collection, depth: int, limit_queries: int | None) -> Collection:
+    """Keep the first ``limit_queries`` queries and the top ``depth`` candidates of each."""
+    qids = list(collection.first_stage.candidates)[:limit_queries]
+    stage = collection.first_stage
+    stage = type(stage)({q: stage.queries[q] for q in qids}, {q: stage.candidates[q][:depth] for q in qids})
+    return Collection(collection.name, stage, collection.qrels, collection.relevant_grade)
+
+
+def first_stage_scores(collection: Collection) -> dict:
+    run = {qid: [(c.docid, c.score) for c in hits] for qid, hits in collection.first_stage.candidates.items()}
+    return measure_run(collection, run)
+
+
+def rerank(model: str, collection: Collection, path: Path, tag: str, **scorer_options) -> None:
+    """Re-rank the collection's first stage with ``model`` and write the TREC run to ``path``."""
+    qids, queries, documents = collection.first_stage.pairs()
+    scores = score_pairs(model, queries, documents, qids, **scorer_options)
+    left = iter(scores)
+    ranking = {qid: [(c.docid, next(left)) for c in hits] for qid, hits in collection.first_stage.candidates.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_run(path, ranking, tag)
+    logger.info("%s on %s: run written to %s", tag, collection.name, path)
+
+
+def score_pairs(model: str, queries: Sequence[str], documents: Sequence[str], qids: Sequence[str], batch_size: int = 32,
+                max_length: int | None = None, dtype: str | None = None) -> list[float]:
+    """Scores of (query, document) pairs by a cross-encoder (:class:`PairScorer`) or a bi-encoder (cosine)."""
+    from .teacher import Teacher, is_bi_encoder
+
+    if is_bi_encoder(model):
+        return Teacher(model, batch_size=batch_size).score(queries, documents)
+    from .scoring import PairScorer
+
+    scorer = PairScorer(model, batch_size=batch_size, max_length=max_length, dtype=dtype)
+    if scorer.untrained_head:
+        logger.warning("%s: the classifier head is untrained; its scores mean nothing", model)
+    return scorer.score(queries, documents, qids)[0]
+
+
+def measure_run(collection: Collection, run: dict[str, list[tuple[str, float]]]) -> dict:
+    """Per-query values and means of the collection's measures over its judged re-ranked queries.
+
+    Queries of the first stage missing from ``run`` count as zero (a lost query must not raise the mean).
+    """
+    qids = set(collection.first_stage.candidates)
+    qrels = [q for q in collection.qrels if q.query_id in qids]
+    judged = sorted({q.query_id for q in qrels})
+    flat = [ir_measures.ScoredDoc(qid, docid, score) for qid, hits in run.items() if qid in qids for docid, score in hits]
+    measures = collection.measures()
+    values: dict[str, dict[str, float]] = {str(m): {qid: 0.0 for qid in judged} for m in measures}
+    for metric in ir_measures.iter_calc(measures, qrels, flat):
+        values[str(metric.measure)][metric.query_id] = float(metric.value)
+    return {
+        "mean": {m: sum(v.values()) / max(len(v), 1) for m, v in values.items()},
+        "per_query": values[PRIMARY],
+        "queries": len(judged),
+    }
+
+
+def tost(differences: Sequence[float], bound: float) -> float:
+    """p-value of a paired TOST for equivalence within ±``bound``: the larger of the two one-sided t-test p-values.
+
+    Returns 1.0 (no evidence) for fewer than two differences and 0.0 when all differences are equal and inside the
+    bound.
+    """
+    if len(differences) < 2:
+        return 1.0
+    if max(differences) == min(differences):
+        return 0.0 if abs(differences[0]) < bound else 1.0
+    lower = stats.ttest_1samp(differences, -bound, alternative="greater").pvalue
+    upper = stats.ttest_1samp(differences, bound, alternative="less").pvalue
+    return float(max(lower, upper))
+
+
+def compare(per_query: dict[str, dict[str, dict]], baseline: str, bound: float) -> dict:
+    """Means, Δ nDCG@10 to the baseline and TOST p-values per collection and over all queries pooled."""
+    results: dict = {"collections": {}, "pooled": {}}
+    pooled: dict[str, list[float]] = {}
+    for collection, systems in per_query.items():
+        base = systems[baseline]["per_query"]
+        rows = {}
+        for system, measured in systems.items():
+            diffs = [measured["per_query"][q] - base[q] for q in base]
+            rows[system] = {**measured["mean"], "queries": measured["queries"],
+                            "delta": sum(diffs) / max(len(diffs), 1), "tost_p": tost(diffs, bound),
+                            "per_query": measured["per_query"]}
+            pooled.setdefault(system, []).extend(diffs)
+        results["collections"][collection] = rows
+    for system, diffs in pooled.items():
+        results["pooled"][system] = {"delta": sum(diffs) / max(len(diffs), 1), "tost_p": tost(diffs, bound),
+                                     "queries": len(diffs)}
+    return results
+
+
+def markdown(results: dict, alpha: float = 0.05) -> str:
+    """nDCG@10 per collection with Δ to the baseline and TOST p-values (marked ✓ below ``alpha``)."""
+    collections = list(results["collections"])
+    systems = list(next(iter(results["collections"].values()))) if collections else []
+    baseline = results.get("setup", {}).get("baseline", "")
+    head = "| system | " + " | ".join(f"{c} nDCG@10 | Δ | TOST p" for c in collections) + " | all: Δ | all: TOST p |"
+    lines = [head, "|---" * (1 + 3 * len(collections) + 2) + "|"]
+    for system in systems:
+        cells = [f"`{system}`" + (" (baseline)" if system == baseline else "")]
+        for c in collections:
+            row = results["collections"][c][system]
+            cells += [f"{row[PRIMARY]:.4f}", *_delta_cells(row, system == baseline, alpha)]
+        cells += _delta_cells(results["pooled"][system], system == baseline, alpha)
+        lines.append("| " + " | ".join(cells) + " |")
+    setup = results.get("setup", {})
+    lines.append("")
+    counts = ", ".join(f"{c} {next(iter(rows.values()))['queries']}" for c, rows in results["collections"].items())
+    lines.append(
+        f"Queries: {counts}; re-ranking depth {setup.get('depth')}; TOST bound ±{setup.get('bound')}, "
+        f"✓ = equivalent at α={alpha}."
+    )
+    other = {c: [m for m in rows[systems[0]] if "@" in m and m != PRIMARY] for c, rows in results["collections"].items()}
+    lines += ["", "| system | " + " | ".join(f"{c} {m}" for c in collections for m in other[c]) + " |",
+              "|---" * (1 + sum(map(len, other.values()))) + "|"]
+    for system in systems:
+        cells = [f"{results['collections'][c][system][m]:.4f}" for c in collections for m in other[c]]
+        lines.append("| " + " | ".join([f"`{system}`", *cells]) + " |")
+    return "\n".join(lines)
+
+
+def _delta_cells(row: dict, is_baseline: bool, alpha: float) -> list[str]:
+    if is_baseline:
+        return ["–", "–"]
+    p = row["tost_p"]
+    mark = " ✓" if p < alpha else ""
+    return [f"{row['delta']:+.4f}", f"{p:.3f}{mark}" if not math.isnan(p) else "n/a"]
+
+
+def evaluate_model(model: str, collections: Iterable[str], data: str | Path, depth: int = 100,
+                   limit_queries: int | None = None, cache_dir: str | Path | None = None,
+                   run_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
+    """Means of the measures of one model on each collection (used by ``train_st.py --eval``).
+
+    Runs go to ``run_dir/<collection>.run``; BM25 runs are cached in ``cache_dir`` (default ``~/.cache/sparse-ce``).
+    """
+    cache_dir = cache_dir or Path.home() / ".cache" / "sparse-ce"
+    results = {}
+    for name in collections:
+        collection = truncate(load_collection(name, data, cache_dir, depth), depth, limit_queries)
+        path = Path(run_dir or ".") / f"{collection.name}.run"
+        rerank(model, collection, path, "sparse-ce")
+        measured = measure_run(collection, read_run(path))
+        results[collection.name] = {**{m: round(v, 4) for m, v in measured["mean"].items()},
+                                    "queries": measured["queries"]}
+    return results
+
+
+def markdown_single(results: dict[str, dict[str, float]], depth: int, limit_queries: int | None) -> str:
+    """One model's test scores as a Markdown table (for its model card)."""
+    def generic(measure: str) -> str:
+        return re.sub(r"\(rel=\d+\)", "", measure)
+
+    measures = [m for m in next(iter(results.values())) if m != "queries"]
+    lines = ["| collection | queries | " + " | ".join(map(generic, measures)) + " |", "|---" * (2 + len(measures)) + "|"]
+    for name, row in results.items():
+        values = [v for m, v in row.items() if m != "queries"]
+        lines.append(f"| {name} | {row['queries']} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
+    scope = f"first {limit_queries} queries, " if limit_queries else ""
+    return "\n".join(lines) + (
+        f"\n\nRe-ranking the first-stage top-{depth} ({scope}judged queries); RR and R count grade ≥ 2 as relevant on "
+        "TREC DL, ≥ 1 elsewhere."
+    )
