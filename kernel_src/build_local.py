@@ -32,6 +32,7 @@ PACKAGE = TORCH_EXT / "sparse_ce_kernels"
 KERNEL_NAME = "sparse-ce-kernels"
 PYTHON_NAME = "sparse_ce_kernels"
 CPU_SOURCES = [TORCH_EXT / "torch_binding.cpp", HERE / "cpu" / "sparse_attention_cpu.cpp"]
+CPU_HEADERS = [HERE / "cpu" / "sparse_attention_cpu_impl.h"]
 CUDA_SOURCES = [HERE / "cuda" / "sparse_attention.cu"]
 HEADERS = [TORCH_EXT / "torch_binding.h"]
 # no -march=native: the build must run on any x86-64 / aarch64 CPU. The ops need no pybind11: dropping
@@ -40,7 +41,7 @@ CFLAGS = ["-O3", "-fopenmp", "-std=c++17", "-UTORCH_API_INCLUDE_EXTENSION_H"]
 
 
 def source_files(cuda: bool) -> list[Path]:
-    files = CPU_SOURCES + HEADERS + sorted(PACKAGE.glob("*.py")) + [Path(__file__).resolve()]
+    files = CPU_SOURCES + CPU_HEADERS + HEADERS + sorted(PACKAGE.glob("*.py")) + [Path(__file__).resolve()]
     if cuda:
         files += sorted((HERE / "cuda").glob("*"))
     return files

@@ -5,6 +5,8 @@
 // query keys are read from the one packed copy, never gathered. Scores are kept in a per-thread buffer, so the
 // softmax is exact (max, exp, sum) with fp32 accumulation for every input dtype; lse is saved for backward.
 // Tasks are tokens, each handling all heads, so that a key's (or row's) [H, D] slice is read contiguously.
+// The kernels (sparse_attention_cpu_impl.h) are compiled twice, for AVX2+FMA and for the baseline ISA, and picked at
+// run time; fp32 with head_dim 8/16/32/64/128 on AVX2 takes a register-blocked forward (heads outer, keys inner).
 //
 // Backward (race-free, no atomics):
 //   pass 1, row-centric:  delta_i = <dO_i, O_i>; dq_i = scale * sum_j P_ij (dP_ij - delta_i) k_j
@@ -21,7 +23,15 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
+#include <utility>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 #include <vector>
 
 namespace {
@@ -187,128 +197,127 @@ Layout make_layout(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v
   return L;
 }
 
-// Dot product with 8 independent partial sums so that -O3 vectorises it without -ffast-math.
-template <typename scalar_t>
-inline float dot(const float *__restrict a, const scalar_t *__restrict b, int64_t D) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += a[d + l] * static_cast<float>(b[d + l]);
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; d < D; ++d) s += a[d] * static_cast<float>(b[d]);
-  return s;
+// The kernels, compiled twice: for x86-64 CPUs with AVX2 and FMA (8-wide FMAs, a vectorised exp), and for any CPU.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SPARSE_CE_X86_DISPATCH 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "sparse_attention_cpu_impl.h"
+
+// fp32 forward for head_dim D = 8 * C, heads outer and keys inner, so that a head's query and
+// output accumulators stay in registers: per (row, head) one pass of FMAs for the scores, a vectorised exp over the
+// row's keys, one pass of FMAs for the output. Same results as forward_impl up to fp32 summation order.
+inline float hsum(__m256 x) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
 }
 
-template <typename scalar_t>
-inline void axpy(float *__restrict y, float a, const scalar_t *__restrict x, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) y[d] += a * static_cast<float>(x[d]);
-}
-
-template <typename scalar_t>
-inline void load(float *__restrict y, const scalar_t *__restrict x, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) y[d] = static_cast<float>(x[d]);
-}
-
-int64_t grain(const Layout &L, int64_t H) { return std::max<int64_t>(1, 256 / std::max<int64_t>(1, H)); }
-
-// Rows are processed token by token with all heads at once, so that every key token's [H, D] slice is read once,
-// contiguously.
-template <typename scalar_t>
-void forward_impl(const Layout &L, const scalar_t *q, const scalar_t *k, const scalar_t *v, scalar_t *out,
-                  float *lse, int64_t H, int64_t D, float scale) {
+template <int64_t C>
+void forward_rows_f32(const Layout &L, const float *q, const float *k, const float *v, float *out, float *lse,
+                      int64_t H, float scale, int64_t begin, int64_t end, std::vector<float> &scores) {
+  constexpr int64_t D = 8 * C;
   const int64_t HD = H * D;
-  at::parallel_for(0, L.T, grain(L, H), [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(HD), acc(HD), scores, m(H), sum(H);
-    Range ranges[3];
-    for (int64_t t = begin; t < end; ++t) {
-      const int n = L.keys(t, ranges);
-      int64_t count = 0;
-      for (int r = 0; r < n; ++r) count += ranges[r].end - ranges[r].begin;
-      if (static_cast<int64_t>(scores.size()) < count * H) scores.resize(count * H);
-      load(qf.data(), q + t * HD, HD);
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      int64_t c = 0;
+  Range ranges[3];
+  for (int64_t t = begin; t < end; ++t) {
+    const int n = L.keys(t, ranges);
+    int64_t count = 0;
+    for (int r = 0; r < n; ++r) count += ranges[r].end - ranges[r].begin;
+    if (static_cast<int64_t>(scores.size()) < count) scores.resize(count);
+    float *__restrict s = scores.data();
+    for (int64_t h = 0; h < H; ++h) {
+      __m256 qv[C];
+      for (int64_t c = 0; c < C; ++c) qv[c] = _mm256_mul_ps(_mm256_loadu_ps(q + t * HD + h * D + 8 * c), _mm256_set1_ps(scale));
+      float m = -std::numeric_limits<float>::infinity();
+      int64_t i = 0;
       for (int r = 0; r < n; ++r)
-        for (int64_t j = ranges[r].begin; j < ranges[r].end; ++j, ++c)
-          for (int64_t h = 0; h < H; ++h) {
-            const float s = dot(qf.data() + h * D, k + j * HD + h * D, D) * scale;
-            scores[c * H + h] = s;
-            m[h] = std::max(m[h], s);
-          }
-      std::fill(sum.begin(), sum.end(), 0.f);
-      for (int64_t i = 0; i < count; ++i)
-        for (int64_t h = 0; h < H; ++h) {
-          const float e = std::exp(scores[i * H + h] - m[h]);
-          scores[i * H + h] = e;
-          sum[h] += e;
+        for (int64_t j = ranges[r].begin; j < ranges[r].end; ++j, ++i) {
+          const float *kj = k + j * HD + h * D;
+          __m256 acc = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kj));
+          for (int64_t c = 1; c < C; ++c) acc = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(kj + 8 * c), acc);
+          s[i] = hsum(acc);
+          m = std::max(m, s[i]);
         }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      c = 0;
-      for (int r = 0; r < n; ++r)
-        for (int64_t j = ranges[r].begin; j < ranges[r].end; ++j, ++c)
-          for (int64_t h = 0; h < H; ++h) axpy(acc.data() + h * D, scores[c * H + h], v + j * HD + h * D, D);
-      for (int64_t h = 0; h < H; ++h) {
-        const float inv = 1.f / sum[h];
-        for (int64_t d = 0; d < D; ++d) out[t * HD + h * D + d] = static_cast<scalar_t>(acc[h * D + d] * inv);
-        lse[t * H + h] = m[h] + std::log(sum[h]);
+      float sum = 0.f;
+      for (int64_t x = 0; x < count; ++x) {  // vectorised by the compiler (softmax_exp is branch-free)
+        s[x] = softmax_exp(s[x] - m);
+        sum += s[x];
       }
+      __m256 ov[C];
+      for (int64_t c = 0; c < C; ++c) ov[c] = _mm256_setzero_ps();
+      i = 0;
+      for (int r = 0; r < n; ++r)
+        for (int64_t j = ranges[r].begin; j < ranges[r].end; ++j, ++i) {
+          const float *vj = v + j * HD + h * D;
+          const __m256 p = _mm256_set1_ps(s[i]);
+          for (int64_t c = 0; c < C; ++c) ov[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * c), ov[c]);
+        }
+      const __m256 inv = _mm256_set1_ps(1.f / sum);
+      for (int64_t c = 0; c < C; ++c) _mm256_storeu_ps(out + t * HD + h * D + 8 * c, _mm256_mul_ps(ov[c], inv));
+      lse[t * H + h] = m + std::log(sum);
     }
+  }
+}
+
+// Runs forward_rows_f32 when head_dim is 8, 16, 32, 64 or 128; false (nothing done) otherwise.
+inline bool forward_f32(const Layout &L, const float *q, const float *k, const float *v, float *out, float *lse,
+                        int64_t H, int64_t D, float scale) {
+  using Rows = void (*)(const Layout &, const float *, const float *, const float *, float *, float *, int64_t, float,
+                        int64_t, int64_t, std::vector<float> &);
+  Rows rows = nullptr;
+  switch (D) {
+    case 8: rows = forward_rows_f32<1>; break;
+    case 16: rows = forward_rows_f32<2>; break;
+    case 32: rows = forward_rows_f32<4>; break;
+    case 64: rows = forward_rows_f32<8>; break;
+    case 128: rows = forward_rows_f32<16>; break;
+    default: return false;
+  }
+  at::parallel_for(0, L.T, grain(L, H), [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    rows(L, q, k, v, out, lse, H, scale, begin, end, scores);
   });
+  return true;
+}
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+namespace baseline {
+#include "sparse_attention_cpu_impl.h"
+}  // namespace baseline
+
+bool use_avx2() {
+#ifdef SPARSE_CE_X86_DISPATCH
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+#else
+  return false;
+#endif
 }
 
 template <typename scalar_t>
-void backward_impl(const Layout &L, const scalar_t *dout, const scalar_t *q, const scalar_t *k, const scalar_t *v,
-                   const scalar_t *out, const float *lse, float *delta, scalar_t *dq, scalar_t *dk, scalar_t *dv,
-                   int64_t H, int64_t D, float scale) {
-  const int64_t HD = H * D;
-  // pass 1: delta and dq, one task per row token (all heads)
-  at::parallel_for(0, L.T, grain(L, H), [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(HD), gf(HD), acc(HD);
-    Range ranges[3];
-    for (int64_t t = begin; t < end; ++t) {
-      const int n = L.keys(t, ranges);
-      load(qf.data(), q + t * HD, HD);
-      load(gf.data(), dout + t * HD, HD);
-      for (int64_t h = 0; h < H; ++h) delta[t * H + h] = dot(gf.data() + h * D, out + t * HD + h * D, D);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int r = 0; r < n; ++r)
-        for (int64_t j = ranges[r].begin; j < ranges[r].end; ++j)
-          for (int64_t h = 0; h < H; ++h) {
-            const int64_t key = j * HD + h * D;
-            const float p = std::exp(dot(qf.data() + h * D, k + key, D) * scale - lse[t * H + h]);
-            const float dp = dot(gf.data() + h * D, v + key, D);
-            axpy(acc.data() + h * D, p * (dp - delta[t * H + h]), k + key, D);
-          }
-      for (int64_t d = 0; d < HD; ++d) dq[t * HD + d] = static_cast<scalar_t>(acc[d] * scale);
+void forward_dispatch(const Layout &L, const scalar_t *q, const scalar_t *k, const scalar_t *v, scalar_t *out,
+                      float *lse, int64_t H, int64_t D, float scale) {
+#ifdef SPARSE_CE_X86_DISPATCH
+  if (use_avx2()) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (avx2::forward_f32(L, q, k, v, out, lse, H, D, scale)) return;
     }
-  });
-  // pass 2: dk and dv, one task per key token (all heads at once, so that each attending row is read
-  // contiguously: a shared query key is attended by every document token of its query)
-  at::parallel_for(0, L.T, grain(L, H), [&](int64_t begin, int64_t end) {
-    std::vector<float> kf(HD), vf(HD), dkacc(HD), dvacc(HD);
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t key = j * HD;
-      load(kf.data(), k + key, HD);
-      load(vf.data(), v + key, HD);
-      std::fill(dkacc.begin(), dkacc.end(), 0.f);
-      std::fill(dvacc.begin(), dvacc.end(), 0.f);
-      L.attendees(j, [&](Range r) {
-        for (int64_t i = r.begin; i < r.end; ++i) {
-          for (int64_t h = 0; h < H; ++h) {
-            const int64_t row = i * HD + h * D;
-            const float p = std::exp(dot(kf.data() + h * D, q + row, D) * scale - lse[i * H + h]);
-            const float dp = dot(vf.data() + h * D, dout + row, D);
-            axpy(dvacc.data() + h * D, p, dout + row, D);
-            axpy(dkacc.data() + h * D, p * (dp - delta[i * H + h]), q + row, D);
-          }
-        }
-      });
-      for (int64_t d = 0; d < HD; ++d) {
-        dk[key + d] = static_cast<scalar_t>(dkacc[d] * scale);
-        dv[key + d] = static_cast<scalar_t>(dvacc[d]);
-      }
-    }
-  });
+    return avx2::forward_impl<scalar_t>(L, q, k, v, out, lse, H, D, scale);
+  }
+#endif
+  baseline::forward_impl<scalar_t>(L, q, k, v, out, lse, H, D, scale);
+}
+
+template <typename scalar_t, typename... Args>
+void backward_dispatch(Args &&...args) {
+#ifdef SPARSE_CE_X86_DISPATCH
+  if (use_avx2()) return avx2::backward_impl<scalar_t>(std::forward<Args>(args)...);
+#endif
+  baseline::backward_impl<scalar_t>(std::forward<Args>(args)...);
 }
 
 }  // namespace
@@ -322,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor &q,
   auto out = at::empty_like(q);
   auto lse = at::empty({L.T, H}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sparse_attention_fwd_cpu", [&] {
-    forward_impl<scalar_t>(L, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+    forward_dispatch<scalar_t>(L, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                            out.data_ptr<scalar_t>(), lse.data_ptr<float>(), H, D, static_cast<float>(scale));
   });
   return {out, lse};
@@ -344,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   auto delta = at::empty({L.T, H}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sparse_attention_bwd_cpu", [&] {
-    backward_impl<scalar_t>(L, grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+    backward_dispatch<scalar_t>(L, grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                             v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<float>(),
                             delta.data_ptr<float>(), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
                             dv.data_ptr<scalar_t>(), H, D, static_cast<float>(scale));
