@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "convert": ("sparse_ce.convert", "make a sparse cross-encoder Hub folder from a BERT checkpoint"),
     "rerank": ("sparse_ce.rerank", "re-rank a first-stage run and write a TREC run"),
+    "bench": ("sparse_ce.bench", "time and memory of every attention path (Table 3 / Figure 2b protocol)"),
     "evaluate": ("sparse_ce.evaluate", "re-rank test collections with several systems and test their equivalence"),
 }
 """Sub-command -> (module with ``add_arguments(parser)`` and ``run(args)``, help text)."""
