@@ -12,7 +12,7 @@ test evaluation on the main process only).
 
 Example (the paper's w=4 pattern, offline data beside the checkout)::
 
-    python train_st.py --output models/minilm-sparse-w4 --pattern sparse --window 4 --max-steps 200 --eval dl19 dl20
+    python train_st.py --output models/my-sparse-w4 --pattern sparse --window 4 --max-steps 200 --eval dl19 dl20
 """
 
 from __future__ import annotations
@@ -204,13 +204,17 @@ def main(argv: list[str] | None = None) -> int:
         "dev_depth": args.dev_depth, "test": results, "eval_depth": args.eval_depth, "eval_queries": args.eval_queries,
     }
     (output / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-    write_card(output, model, init, record, args.model_id or output.name)
+    write_card(output, model.model.config, record, args.model_id or output.name)
     logger.info("saved %s (%.0f s training); dev %s; test %s", output, train_seconds, record["dev"], results)
     return 0
 
 
 def save(model: CrossEncoder, output: Path, dtype: str) -> None:
-    """Save the trained model in the Hub layout (remote code included), the head marked as trained."""
+    """Save the trained model in the Hub layout (remote code included), the head marked as trained.
+
+    With ``dtype`` float16/bfloat16 the safetensors hold that dtype while ``config.json`` keeps ``dtype: float32``,
+    so ``from_pretrained`` (dtype "auto") computes in float32 unless the caller asks for half precision.
+    """
     hf_model = model.model
     hf_model.config.sparse_ce_untrained_head = False
     if dtype != "float32":
@@ -218,10 +222,16 @@ def save(model: CrossEncoder, output: Path, dtype: str) -> None:
     model.save_pretrained(str(output), create_model_card=False)
     if dtype != "float32":
         hf_model.float()
+        # weights stored compact, loaded as float32 by default (dtype="auto" reads config.json); pass dtype to override
+        config_path = output / "config.json"
+        config = json.loads(config_path.read_text())
+        config["dtype"] = "float32"
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def write_card(output: Path, model: CrossEncoder, init: str, record: dict, model_id: str) -> None:
-    """The model card: the conversion notes plus how the model was trained and what it scored."""
+def write_card(output: Path, config, record: dict, model_id: str, extra: list[str] | None = None) -> None:
+    """The model card: the settings of ``config``, how the model was trained (``record``, also written to
+    ``training.json``), what it scored, and ``extra`` Markdown paragraphs."""
     lines = [
         f"Fine-tuned with `train_st.py` (sentence-transformers `CrossEncoderTrainer`, {record['loss']} loss"
         + (f", teacher {record['teacher']}" if record["teacher"] else "")
@@ -237,7 +247,8 @@ def write_card(output: Path, model: CrossEncoder, init: str, record: dict, model
         )
     if record["test"]:
         lines.append(evaluation.markdown_single(record["test"], record["eval_depth"], record["eval_queries"]))
-    card = render_model_card(model.model.config, init, None, model_id, lines, record["command"])
+    lines += extra or []
+    card = render_model_card(config, record["init"], None, model_id, lines, record["command"])
     (output / "README.md").write_text(card, encoding="utf-8")
 
 

@@ -116,7 +116,7 @@ def test_train_st_end_to_end(tmp_path, data):
     assert set(record["test"]) == {"dl19", "vaswani"} and "dev_ndcg@10" in record["dev"]
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "sparse_ce" and config["sparse_ce_untrained_head"] is False
-    assert config["attention_window_size"] == 1
+    assert config["attention_window_size"] == 1 and config["dtype"] == "float32"  # stored fp16, computed fp32
     with safe_open(out / "model.safetensors", "pt") as f:
         names = list(f.keys())
         assert all(f.get_tensor(n).dtype == torch.float16 for n in names)
@@ -132,4 +132,5 @@ def test_train_st_end_to_end(tmp_path, data):
     from sentence_transformers import CrossEncoder
 
     model = CrossEncoder(str(out), trust_remote_code=True)
+    assert model.model.dtype == torch.float32
     assert len(model.predict([("do goldfish grow", "goldfish grow fast")])) == 1

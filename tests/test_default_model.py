@@ -1,0 +1,50 @@
+"""The trained default model shipped in the repository: loads, is what its card says, reproduces its recorded scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_ce.scoring import PairScorer
+
+MODEL = Path(__file__).parents[1] / "models" / "sparse-ce-minilm-l6-w4"
+
+
+@pytest.fixture(scope="module")
+def recorded() -> dict:
+    return json.loads((MODEL / "recorded_scores.json").read_text())
+
+
+def test_default_model_is_a_small_trained_sparse_w4_hub_folder():
+    config = json.loads((MODEL / "config.json").read_text())
+    assert config["model_type"] == "sparse_ce" and config["attention_window_size"] == 4
+    assert config["sparse_ce_untrained_head"] is False
+    assert not config["query_doc_attention"] and not config["query_cls_attention"]  # the paper's pattern
+    assert sum(f.stat().st_size for f in MODEL.iterdir()) < 50 * 2**20
+    for name in ("modeling_sparse_ce.py", "configuration_sparse_ce.py", "README.md", "tokenizer.json"):
+        assert (MODEL / name).is_file(), name
+    card = (MODEL / "README.md").read_text()
+    assert "train_st.py" in card and "nDCG@10" in card and "untrained" not in card
+
+
+@pytest.mark.slow
+def test_default_model_reproduces_its_recorded_scores(recorded):
+    pairs = recorded["pairs"]
+    scorer = PairScorer(str(MODEL), device="cpu", dtype=recorded["dtype"], progress=False)
+    scores, _ = scorer.score([p["query"] for p in pairs], [p["passage"] for p in pairs], [p["qid"] for p in pairs])
+    assert scores == pytest.approx([p["score"] for p in pairs], abs=1e-4)
+    assert len(set(round(s, 3) for s in scores)) > 1  # not a constant head
+
+
+@pytest.mark.slow
+def test_default_model_ranks_through_cross_encoder(recorded):
+    from sentence_transformers import CrossEncoder
+
+    pairs = recorded["pairs"]
+    model = CrossEncoder(str(MODEL), trust_remote_code=True, max_length=recorded["max_length"])
+    assert model.model.dtype == torch.float32  # float16 on disk, float32 by default
+    logits = model.predict([(p["query"], p["passage"]) for p in pairs], activation_fn=torch.nn.Identity())
+    assert list(logits) == pytest.approx([p["score"] for p in pairs], abs=1e-4)
