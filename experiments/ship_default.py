@@ -44,6 +44,7 @@ def main() -> int:
     parser.add_argument("--dst", type=Path, default=ROOT / "models" / "sparse-ce-minilm-l6-w4")
     parser.add_argument("--table", type=Path, default=ROOT / "models" / "table1" / "eval" / "results.md")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--note", action="append", default=[], help="a Markdown paragraph for the card (repeatable)")
     args = parser.parse_args()
 
     if args.dst.exists():
@@ -58,7 +59,7 @@ def main() -> int:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(args.dst, trust_remote_code=True)
-    extra = []
+    extra = list(args.note)
     if args.table.is_file():
         extra = ["## Table 1, controlled (this package, `experiments/table1.sh`)",
                  "Same initial weights, data, budget and seed for every pattern; nDCG@10 against full attention "

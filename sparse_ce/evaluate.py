@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         collection = truncate(collection, args.depth, args.limit_queries)
         per_query[collection.name] = {}
         for system, model in systems.items():
-            path = args.output_dir / "runs" / f"{system}-{collection.name}.run"
+            path = args.output_dir / "runs" / run_name(system, collection.name, args.depth, args.limit_queries)
             if args.rerun or not path.is_file():
                 rerank(model, collection, path, system, batch_size=args.batch_size, max_length=args.max_length,
                        dtype=args.dtype)
@@ -86,6 +86,12 @@ def _parse_system(text: str) -> tuple[str, str]:
     if name == FIRST_STAGE or "/" in name:
         raise SystemExit(f"--system: {name!r} is reserved or not a plain name")
     return name, model
+
+
+def run_name(system: str, collection: str, depth: int, limit_queries: int | None) -> str:
+    """The run file of a system on a collection; depth and query limit are part of it, so a reused run always
+    matches the requested setting."""
+    return f"{system}-{collection}-top{depth}" + (f"-q{limit_queries}" if limit_queries else "") + ".run"
 
 
 def truncate(collection: Collection, depth: int, limit_queries: int | None) -> Collection:

@@ -48,3 +48,11 @@ def test_default_model_ranks_through_cross_encoder(recorded):
     assert model.model.dtype == torch.float32  # float16 on disk, float32 by default
     logits = model.predict([(p["query"], p["passage"]) for p in pairs], activation_fn=torch.nn.Identity())
     assert list(logits) == pytest.approx([p["score"] for p in pairs], abs=1e-4)
+
+
+def test_default_model_code_is_the_package_code():
+    """The folder's remote code is a copy of this package's: a change to the model must re-ship it."""
+    root = Path(__file__).parents[1]
+    for copy in MODEL.glob("*.py"):
+        source = root / copy.name if copy.name == "configuration_sparse_ce.py" else root / "modeling_sparse_ce" / copy.name
+        assert copy.read_text() == source.read_text(), f"{copy.name} differs from {source}: re-run ship_default.py"

@@ -105,13 +105,13 @@ def test_evaluate_command_writes_runs_tables_and_reuses_runs(data, tmp_path, tin
     results = json.loads((out / "results.json").read_text())
     for collection in ("dl19", "vaswani"):
         for system in ("ce", "bi"):
-            run = read_run(out / "runs" / f"{system}-{collection}.run")
+            run = read_run(out / "runs" / f"{system}-{collection}-top8.run")
             assert all(len(hits) <= 8 for hits in run.values())
             assert results["collections"][collection][system]["queries"] > 0
     assert results["setup"]["baseline"] == "ce"
     # a reused run is not recomputed: overwrite one with a perfect ranking and see the score follow it
     perfect = {q: [(d, float(g)) for d, g in docs.items()] for q, docs in GRADES.items()}
-    (out / "runs" / "bi-dl19.run").write_text(
+    (out / "runs" / "bi-dl19-top8.run").write_text(
         "".join(f"{q} Q0 {d} {r} {s} x\n" for q, hits in perfect.items()
                 for r, (d, s) in enumerate(sorted(hits, key=lambda h: -h[1]), 1))
     )

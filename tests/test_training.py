@@ -134,3 +134,26 @@ def test_train_st_end_to_end(tmp_path, data):
     model = CrossEncoder(str(out), trust_remote_code=True)
     assert model.model.dtype == torch.float32
     assert len(model.predict([("do goldfish grow", "goldfish grow fast")])) == 1
+
+
+@pytest.mark.slow
+def test_train_st_runs_unchanged_under_torchrun(tmp_path, data):
+    """Two CPU processes (gloo): one conversion, one teacher pass, one saved model, the same as a single process."""
+    import os
+    import subprocess
+
+    init = make_model_folder(tmp_path / "init", preset="full", window=None)
+    teacher = make_bi_encoder_folder(tmp_path / "teacher")
+    out = tmp_path / "ddp"
+    script = Path(__file__).parents[1] / "train_st.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               str(script), "--output", str(out), "--init", str(init), "--teacher", str(teacher), "--data", str(data),
+               "--max-steps", "2", "--batch-size", "2", "--triples-per-query", "4", "--dev-queries", "1",
+               "--eval-steps", "2", "--max-length", "64", "--cache-dir", str(tmp_path / "cache")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "training.json").read_text())
+    assert record["world_size"] == 2 and record["steps"] == 2
+    assert len(list((tmp_path / "cache" / "teacher").glob("teacher-*.json"))) == 1
+    assert (out / "model.safetensors").is_file() and not (out / "trainer").exists()

@@ -1,0 +1,41 @@
+"""One dispatch table of attention functions sharing one signature.
+
+Schlatt et al., ECIR 2024, Section 3.4. Every backend takes packed ``query, key, value`` of shape
+``[tokens, heads, head_dim]`` (order ``cls | query | doc`` from :class:`SegmentLayout`), the layout and the
+:class:`AttentionPattern`, and returns the packed output plus optional weights ``[batch, heads, seq, seq]``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .attention_dense import dense_attention
+from .attention_kernel import kernel_attention
+from .attention_windowed import windowed_attention
+from .pattern import AttentionPattern
+
+ATTENTION_FUNCTIONS: dict[str, Callable] = {
+    "dense": dense_attention,
+    "windowed": windowed_attention,
+    "kernel": kernel_attention,  # needs ``kernel=<module>`` bound, see the model's backend resolution
+}
+
+
+def register_attention_backend(name: str, function: Callable) -> None:
+    """Add a backend (e.g. a compiled kernel) under ``name``; it must follow the shared signature."""
+    ATTENTION_FUNCTIONS[name] = function
+
+
+def resolve_backend(name: str, pattern: AttentionPattern, output_attentions: bool, kernel_ready: bool = False) -> str:
+    """Pick the backend for ``name`` (``auto`` or a key of :data:`ATTENTION_FUNCTIONS`).
+
+    ``auto``: dense when weights are requested or the pattern is plain full attention (one SDPA call is fastest
+    there), else the kernel when it is ready for this device and mode, else windowed.
+    """
+    if name == "auto":
+        if output_attentions or pattern.is_full:
+            return "dense"
+        return "kernel" if kernel_ready else "windowed"
+    if name not in ATTENTION_FUNCTIONS:
+        raise ValueError(f"attention_backend: unknown backend {name!r}; choose 'auto' or one of {sorted(ATTENTION_FUNCTIONS)}")
+    return name

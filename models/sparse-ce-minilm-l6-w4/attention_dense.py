@@ -1,0 +1,59 @@
+"""Dense oracle: the pattern as a boolean mask over the padded sequence, then scaled dot-product attention.
+
+Schlatt et al., ECIR 2024, Eqs. 1-3 written as one masked softmax over the whole ``[CLS] q [SEP] d [SEP]`` row.
+Quadratic in length; the reference every other backend is tested against, and the only one that returns weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .pattern import AttentionPattern
+from .segments import SegmentLayout
+
+
+def dense_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: SegmentLayout,
+    pattern: AttentionPattern,
+    *,
+    scaling: float,
+    dropout: float = 0.0,
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Masked attention over padded rows.
+
+    Args:
+        query, key, value: ``[tokens, heads, head_dim]`` in the packed order of ``layout``.
+        layout: Segments of the batch.
+        pattern: Attention pattern.
+        scaling: Score scale, ``1 / sqrt(head_dim)``.
+        dropout: Attention-probability dropout.
+        output_attentions: Also return the weights ``[batch, heads, seq, seq]``.
+
+    Returns:
+        Output ``[tokens, heads, head_dim]`` (packed) and the weights or ``None``.
+    """
+    batch, seq = layout.batch_size, layout.seq_len
+    flat, packed = layout.expanded_positions()
+
+    def to_padded(x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros((batch * seq, *x.shape[1:]))
+        out[flat] = x[packed]
+        return out.unflatten(0, (batch, seq)).transpose(1, 2)  # [batch, heads, seq, dim]
+
+    q, k, v = to_padded(query), to_padded(key), to_padded(value)
+    mask = pattern.dense_mask(layout.segment_ids)[:, None]  # [batch, 1, seq, seq]
+    weights = None
+    if output_attentions:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = torch.matmul(F.dropout(weights, p=dropout, training=dropout > 0), v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    out = out.transpose(1, 2).flatten(0, 1)  # [batch * seq, heads, dim]
+    return out[layout.positions], weights

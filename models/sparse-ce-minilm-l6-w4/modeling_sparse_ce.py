@@ -1,0 +1,367 @@
+"""Sparse cross-encoder: BERT with the asymmetric, windowed attention pattern.
+
+Schlatt, Fröbe, Hagen: "Investigating the Effects of Sparse Attention on Cross-Encoders", ECIR 2024.
+Parameter names equal Hugging Face BERT's, so any ``BertForSequenceClassification`` cross-encoder loads unchanged.
+The encoder runs on packed tokens (``cls | query | doc``, see :mod:`.segments`): no padding waste, and a query shared by
+several rows is computed once when it attends only to itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
+from transformers.models.bert.modeling_bert import (
+    BertEmbeddings,
+    BertIntermediate,
+    BertOutput,
+    BertPooler,
+    BertPreTrainedModel,
+    BertSelfOutput,
+)
+from transformers.utils import logging
+
+try:  # Hub folder: the config module is a flat sibling
+    from .configuration_sparse_ce import SparseCrossEncoderConfig
+except ImportError:  # installed package: one top-level module, one class
+    from configuration_sparse_ce import SparseCrossEncoderConfig
+
+from .attention import ATTENTION_FUNCTIONS, resolve_backend
+from .attention_kernel import kernel_supports, load_kernel
+from .pattern import AttentionPattern
+from .segments import SegmentLayout, build_segment_layout
+
+logger = logging.get_logger(__name__)
+
+AUTO_MAP = {
+    # the config class as this module imports it: transformers 5 loads remote code from a local folder into one module
+    # folder per auto_map file (named by a hash of the file and its relative imports), so a "configuration_sparse_ce"
+    # entry would give AutoConfig a second class and ``isinstance(model.config, model.config_class)`` would fail
+    "AutoConfig": "modeling_sparse_ce.SparseCrossEncoderConfig",
+    "AutoModel": "modeling_sparse_ce.SparseCrossEncoderModel",
+    "AutoModelForSequenceClassification": "modeling_sparse_ce.SparseCrossEncoderForSequenceClassification",
+}
+"""``auto_map`` of a Hub folder: all code files lie flat beside ``config.json``, so saving again keeps the layout."""
+
+
+class SparseSelfAttention(nn.Module):
+    """Query/key/value projections (BERT names) and a call into the attention dispatch table."""
+
+    def __init__(self, config: SparseCrossEncoderConfig) -> None:
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(
+                f"hidden_size: {config.hidden_size} is not a multiple of num_attention_heads {config.num_attention_heads}"
+            )
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout_prob = config.attention_probs_dropout_prob
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self, hidden: torch.Tensor, layout: SegmentLayout, pattern: AttentionPattern, attend, output_attentions: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # hidden: [tokens, hidden]; q/k/v: [tokens, heads, dim]; attend: a function of the dispatch table
+        q, k, v = (proj(hidden).unflatten(-1, (self.num_heads, self.head_dim)) for proj in (self.query, self.key, self.value))
+        out, weights = attend(
+            q, k, v, layout, pattern,
+            scaling=self.scaling,
+            dropout=self.dropout_prob if self.training else 0.0,
+            output_attentions=output_attentions,
+        )
+        return out.flatten(-2), weights
+
+
+class SparseAttention(nn.Module):
+    def __init__(self, config: SparseCrossEncoderConfig) -> None:
+        super().__init__()
+        self.self = SparseSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, hidden, layout, pattern, backend, output_attentions):
+        out, weights = self.self(hidden, layout, pattern, backend, output_attentions)
+        return self.output(out, hidden), weights
+
+
+class SparseLayer(GradientCheckpointingLayer):
+    """A BERT layer whose attention follows the sparse pattern; feed-forward on packed tokens."""
+
+    def __init__(self, config: SparseCrossEncoderConfig) -> None:
+        super().__init__()
+        self.attention = SparseAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, hidden, layout, pattern, backend, output_attentions):
+        attended, weights = self.attention(hidden, layout, pattern, backend, output_attentions)
+        return self.output(self.intermediate(attended), attended), weights
+
+
+class SparseEncoder(nn.Module):
+    def __init__(self, config: SparseCrossEncoderConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(SparseLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, hidden, layout, patterns, backends, output_attentions, output_hidden_states):
+        all_hidden, all_weights = [hidden] if output_hidden_states else None, [] if output_attentions else None
+        for layer, pattern, backend in zip(self.layer, patterns, backends):
+            hidden, weights = layer(hidden, layout, pattern, backend, output_attentions)
+            if output_hidden_states:
+                all_hidden.append(hidden)
+            if output_attentions:
+                all_weights.append(weights)
+        return hidden, all_hidden, all_weights
+
+
+class SparseCrossEncoderPreTrainedModel(BertPreTrainedModel):
+    """Weight init and loading of BERT, plus a ``save_pretrained`` that writes a self-contained Hub folder."""
+
+    config_class = SparseCrossEncoderConfig
+    base_model_prefix = "bert"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = False
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_record_outputs = {}
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """Save weights and config, and copy the remote code flat beside them with a complete ``auto_map``."""
+        # A class loaded as remote code has ``_auto_class`` set, so transformers' ``custom_object_save`` also runs: it
+        # copies the (flat) sibling files and rewrites one ``auto_map`` entry to the same ``modeling_sparse_ce.<Class>``.
+        # transformers' own push would upload before the code files are copied: push the finished folder instead
+        push = kwargs.pop("push_to_hub", False)
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "token", "create_pr") if k in kwargs}
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            copy_remote_code(save_directory)
+            write_auto_map(Path(save_directory) / "config.json")
+            if push:
+                self.push_to_hub(hub_kwargs.pop("repo_id", Path(save_directory).name), **hub_kwargs)
+
+
+def write_auto_map(config_file: Path) -> None:
+    """Put the complete :data:`AUTO_MAP` into a saved ``config.json``.
+
+    A config class loaded as remote code is saved by transformers' ``custom_object_save``, which sets its ``AutoConfig``
+    entry to the module that defines it (``configuration_sparse_ce``); this restores the entry of :data:`AUTO_MAP`.
+    """
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if config.get("auto_map") != AUTO_MAP:
+        config["auto_map"] = dict(AUTO_MAP)
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def remote_code_files() -> list[Path]:
+    """The Python files a Hub folder needs: this package's modules and the config module."""
+    here = Path(__file__).resolve().parent
+    files = [p for p in sorted(here.glob("*.py")) if p.name != "__init__.py"]
+    config_file = Path(sys.modules[SparseCrossEncoderConfig.__module__].__file__).resolve()
+    if config_file not in files:
+        files.append(config_file)
+    return files
+
+
+def copy_remote_code(folder) -> None:
+    """Copy the remote code files flat into ``folder``."""
+    for path in remote_code_files():
+        target = Path(folder) / path.name
+        if target.resolve() != path:
+            shutil.copyfile(path, target)
+
+
+class SparseCrossEncoderModel(SparseCrossEncoderPreTrainedModel):
+    """The sparse encoder: embeddings, sparse layers and BERT's pooler.
+
+    Its ``forward`` takes what ``BertModel`` takes (``input_ids`` of right-padded ``[CLS] q [SEP] d [SEP]`` rows) and
+    returns ``last_hidden_state [batch, seq, hidden]`` (zeros on padding) and ``pooler_output``.
+    """
+
+    base_model_prefix = "bert"
+
+    def __init__(self, config: SparseCrossEncoderConfig, add_pooling_layer: bool = True) -> None:
+        super().__init__(config)
+        config.validate_pattern()
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = SparseEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    def layer_patterns(self) -> list[AttentionPattern]:
+        """The attention pattern of each layer (the same for all layers today)."""
+        return [AttentionPattern.from_config(self.config)] * self.config.num_hidden_layers
+
+    def attention_functions(self, name: str, patterns: list[AttentionPattern], output_attentions: bool) -> list:
+        """The attention function of each layer for backend ``name``; loads the kernel when it may be used."""
+        wants_kernel = name == "kernel" or (
+            name == "auto"
+            and not output_attentions
+            and not (self.training and self.config.attention_probs_dropout_prob > 0)  # dropout is not fused
+            and not all(p.is_full for p in patterns)
+        )
+        kernel = load_kernel(self.config.kernel_repo_id, self.config.kernel_version) if wants_kernel else None
+        if kernel is not None and not kernel_supports(kernel, self.device):
+            kernel = None
+        if name == "kernel" and kernel is None:
+            raise RuntimeError(
+                f"attention_backend='kernel': no kernel for {self.device} (repo {self.config.kernel_repo_id!r}, "
+                "see the log); use 'auto' to fall back to the windowed backend"
+            )
+        names = [resolve_backend(name, p, output_attentions, kernel_ready=kernel is not None) for p in patterns]
+        return [functools.partial(ATTENTION_FUNCTIONS[n], kernel=kernel) if n == "kernel" else ATTENTION_FUNCTIONS[n] for n in names]
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        attention_backend: str | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, SegmentLayout, list | None, list | None]:
+        """Run the encoder on packed tokens; returns packed hidden states ``[tokens, hidden]`` and the layout."""
+        self._check_inputs(input_ids, attention_mask, token_type_ids)
+        patterns = self.layer_patterns()
+        share = self.config.share_query and all(p.query_is_independent for p in patterns)
+        layout = build_segment_layout(input_ids, attention_mask, token_type_ids, self.config.sep_token_id, share)
+        for name, lengths in (("query", layout.query_lengths), ("document", layout.doc_lengths)):
+            if bool((lengths == 1).any()):  # the segment holds only its [SEP]
+                logger.warning_once(f"some rows have an empty {name} ([SEP] only); they are scored as they are")
+        backends = self.attention_functions(attention_backend or self.config.attention_backend, patterns, output_attentions)
+        flat_ids = input_ids.flatten()[layout.positions]
+        seq = layout.seq_len
+        segment = layout.segment_ids.flatten()[layout.positions]
+        hidden = self.embeddings(
+            input_ids=flat_ids[None],
+            token_type_ids=(segment == 2).long()[None],  # 0: [CLS] query [SEP], 1: document [SEP]
+            position_ids=(layout.positions % seq)[None],
+        )[0]
+        hidden, all_hidden, all_weights = self.encoder(hidden, layout, patterns, backends, output_attentions, output_hidden_states)
+        return hidden, layout, all_hidden, all_weights
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        attention_backend: str | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        _only_positions(position_ids, inputs_embeds)
+        hidden, layout, all_hidden, all_weights = self.encode(
+            input_ids, attention_mask, token_type_ids, attention_backend, bool(output_attentions), bool(output_hidden_states)
+        )
+        last = layout.unpack(hidden)
+        pooled = self.pooler(last) if self.pooler is not None else None
+        hidden_states = tuple(layout.unpack(h) for h in all_hidden) if all_hidden is not None else None
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=last,
+            pooler_output=pooled,
+            hidden_states=hidden_states,
+            attentions=tuple(all_weights) if all_weights is not None else None,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def _check_inputs(self, input_ids, attention_mask, token_type_ids) -> None:
+        if input_ids is None:
+            raise ValueError("input_ids: required (inputs_embeds is not supported by the sparse cross-encoder)")
+        for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            if tensor is None:
+                continue
+            if tensor.dtype.is_floating_point and name != "attention_mask":
+                raise TypeError(f"{name}: expected an integer tensor, got {tensor.dtype}")
+            if tensor.device != self.device:
+                raise ValueError(f"{name}: on {tensor.device} but the model is on {self.device}; move inputs to the model")
+        if input_ids.dim() == 2 and input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"input_ids: sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+                f"{self.config.max_position_embeddings}; truncate the document or score it by MaxP windows"
+            )
+
+
+def _only_positions(position_ids, inputs_embeds) -> None:
+    if inputs_embeds is not None:
+        raise ValueError("inputs_embeds: not supported; pass input_ids")
+    if position_ids is not None:
+        raise ValueError("position_ids: not supported; positions follow the [CLS] q [SEP] d [SEP] layout")
+
+
+class SparseCrossEncoderForSequenceClassification(SparseCrossEncoderPreTrainedModel):
+    """The cross-encoder: [CLS] of the sparse encoder -> BERT pooler -> dropout -> linear (one logit by default)."""
+
+    def __init__(self, config: SparseCrossEncoderConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = SparseCrossEncoderModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        attention_backend: str | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput | tuple:
+        _only_positions(position_ids, inputs_embeds)
+        hidden, layout, all_hidden, all_weights = self.bert.encode(
+            input_ids, attention_mask, token_type_ids, attention_backend, bool(output_attentions), bool(output_hidden_states)
+        )
+        cls = hidden[: layout.batch_size]  # packed order starts with each row's [CLS]
+        pooled = self.bert.pooler(cls[:, None]) if self.bert.pooler is not None else cls
+        logits = self.classifier(self.dropout(pooled))
+        output = SequenceClassifierOutput(
+            loss=self._loss(logits, labels) if labels is not None else None,
+            logits=logits,
+            hidden_states=tuple(layout.unpack(h) for h in all_hidden) if all_hidden is not None else None,
+            attentions=tuple(all_weights) if all_weights is not None else None,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """BERT's loss choice: regression for one label, else single- or multi-label classification."""
+        problem = self.config.problem_type
+        if problem is None:
+            if self.num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        if problem == "regression":
+            return MSELoss()(logits.squeeze(-1), labels.squeeze(-1).to(logits.dtype)) if self.num_labels == 1 else MSELoss()(logits, labels)
+        if problem == "single_label_classification":
+            return CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1))
+        return BCEWithLogitsLoss()(logits, labels)
