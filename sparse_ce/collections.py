@@ -15,7 +15,7 @@ from pathlib import Path
 
 import ir_measures
 
-from .data import Candidate, FirstStage, iter_corpus, read_dl_json, read_qrels, read_topics, write_run
+from .data import Candidate, FirstStage, iter_corpus, read_dl_json, read_qrels, read_run, read_topics, write_run
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +102,6 @@ def _bm25_collection(name, topics, corpus, qrels, cache: Path, depth: int) -> Co
     docs = dict(corpus) if isinstance(corpus, dict) else dict(iter_corpus(corpus))
     run_path = cache / "bm25" / f"{name}-top{depth}.run"
     if run_path.is_file():
-        from .data import read_run
-
         run = read_run(run_path)
     else:
         run = bm25_run(topics, docs, depth)

@@ -43,6 +43,23 @@ class FirstStage:
     def __len__(self) -> int:
         return len(self.candidates)
 
+    def ranking(self, scores: Sequence[float] | None = None) -> dict[str, list[tuple[str, float]]]:
+        """Query id -> (document id, score) per candidate, for :func:`write_run` or ir_measures.
+
+        Args:
+            scores: One score per pair in :meth:`pairs` order (a re-ranker's); ``None`` keeps the first-stage scores.
+
+        Raises:
+            ValueError: when ``scores`` does not hold one score per pair.
+        """
+        if scores is None:
+            return {qid: [(c.docid, c.score) for c in hits] for qid, hits in self.candidates.items()}
+        total = sum(len(hits) for hits in self.candidates.values())
+        if len(scores) != total:
+            raise ValueError(f"{len(scores)} scores for {total} (query, document) pairs")
+        left = iter(scores)
+        return {qid: [(c.docid, next(left)) for c in hits] for qid, hits in self.candidates.items()}
+
     def pairs(self) -> tuple[list[str], list[str], list[str]]:
         """All (query id, query text, document text) pairs as three parallel lists, query by query."""
         qids, queries, docs = [], [], []

@@ -103,18 +103,15 @@ def truncate(collection: Collection, depth: int, limit_queries: int | None) -> C
 
 
 def first_stage_scores(collection: Collection) -> dict:
-    run = {qid: [(c.docid, c.score) for c in hits] for qid, hits in collection.first_stage.candidates.items()}
-    return measure_run(collection, run)
+    return measure_run(collection, collection.first_stage.ranking())
 
 
 def rerank(model: str, collection: Collection, path: Path, tag: str, **scorer_options) -> None:
     """Re-rank the collection's first stage with ``model`` and write the TREC run to ``path``."""
     qids, queries, documents = collection.first_stage.pairs()
     scores = score_pairs(model, queries, documents, qids, **scorer_options)
-    left = iter(scores)
-    ranking = {qid: [(c.docid, next(left)) for c in hits] for qid, hits in collection.first_stage.candidates.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_run(path, ranking, tag)
+    write_run(path, collection.first_stage.ranking(scores), tag)
     logger.info("%s on %s: run written to %s", tag, collection.name, path)
 
 

@@ -79,9 +79,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     scores, stats = scorer.score(queries, documents, qids)
     seconds = time.perf_counter() - start
-    scores_left = iter(scores)
-    ranking = {qid: [(c.docid, next(scores_left)) for c in hits] for qid, hits in first_stage.candidates.items()}
-    write_run(args.output, ranking, args.tag)
+    write_run(args.output, first_stage.ranking(scores), args.tag)
 
     if scorer.untrained_head:
         print("WARNING: the classifier head is untrained; scores from an untrained classifier head mean nothing")

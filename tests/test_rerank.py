@@ -322,3 +322,14 @@ def test_rerank_real_dl19_first_query(tiny_model_dir, tmp_path, capsys):
     lines = output.read_text().splitlines()
     assert len(lines) == 100 and len({line.split()[2] for line in lines}) == 100
     assert 0.0 <= printed_ndcg(capsys.readouterr().out) <= 1.0
+
+
+def test_first_stage_ranking_pairs_scores_in_pair_order(collection):
+    stage = read_dl_json(collection["dl.json"])
+    qids, _, _ = stage.pairs()
+    assert stage.ranking()["1"][0] == ("d1", 9.0)  # first-stage scores by default
+    ranking = stage.ranking([float(i) for i in range(len(qids))])
+    assert [s for hits in ranking.values() for _, s in hits] == [float(i) for i in range(len(qids))]
+    assert [d for d, _ in ranking["2"]] == list(DOCS["2"])
+    with pytest.raises(ValueError, match="scores for"):
+        stage.ranking([1.0])
