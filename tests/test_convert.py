@@ -21,7 +21,7 @@ from transformers import (
 from modeling_sparse_ce import SparseCrossEncoderForSequenceClassification
 from sparse_ce.cli import main
 from sparse_ce.convert import convert
-from sparse_ce.positions import interpolate_positions
+from sparse_ce.convert.positions import interpolate_positions
 
 QUERIES = ["how long do fleas live", "wifi", "why is the water cold in the year of the war"]
 DOCS = ["the flea life cycle is long", "bluetooth and wifi are fast on a dog", "cold water and light heat"]
@@ -71,11 +71,32 @@ def test_full_pattern_reproduces_bert_cross_encoder(tmp_path, caplog):
     torch.testing.assert_close(converted_logits(dst, batch), expected, atol=1e-5, rtol=0)
 
 
+def test_cosine_head_from_a_plain_encoder(tmp_path):
+    """A bi-encoder's BERT becomes a cross-encoder whose score is the scaled cosine of its mean segment states."""
+    src = bert_folder(tmp_path / "bert", model_class=BertModel)
+    dst = convert(src, tmp_path / "cos", score_head="cosine")
+    config = json.loads((dst / "config.json").read_text())
+    assert config["score_head"] == "cosine" and config["sparse_ce_untrained_head"] is False
+    assert config["cls_token_id"] is not None and config["sep_token_id"] is not None
+    assert "cosine score head is new" in (dst / "README.md").read_text()
+    assert "--score-head cosine" in (dst / "README.md").read_text()
+    model = SparseCrossEncoderForSequenceClassification.from_pretrained(dst)
+    assert model.bert.pooler is None and model.classifier.scale.item() == 20.0 and model.classifier.bias.item() == 0.0
+    encoder = BertModel.from_pretrained(src)
+    torch.testing.assert_close(model.bert.encoder.layer[0].attention.self.query.weight,
+                               encoder.encoder.layer[0].attention.self.query.weight)
+    # from a cross-encoder: its classifier (whose bias has the cosine head's name) is dropped, the head starts afresh
+    cross = bert_folder(tmp_path / "cross", model_class=BertForSequenceClassification)
+    with torch.no_grad():
+        model = SparseCrossEncoderForSequenceClassification.from_pretrained(convert(cross, tmp_path / "c2", score_head="cosine"))
+    assert model.classifier.scale.item() == 20.0 and model.classifier.bias.item() == 0.0
+
+
 def test_plain_encoder_initialises_only_the_classifier(tmp_path, caplog):
     src = bert_folder(tmp_path / "bert", model_class=BertModel)
     with caplog.at_level(logging.WARNING, logger="sparse_ce.convert"):
         dst = convert(src, tmp_path / "out")
-    warnings = [r.getMessage() for r in caplog.records if r.name == "sparse_ce.convert"]
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("sparse_ce.convert")]
     assert len(warnings) == 1 and "classifier.bias, classifier.weight" in warnings[0]
     assert "classifier head is untrained" in (dst / "README.md").read_text()
     assert json.loads((dst / "config.json").read_text())["sparse_ce_untrained_head"] is True

@@ -12,9 +12,10 @@ from scipy import stats
 from tiny import GRADES, PASSAGES, TOPICS, make_bi_encoder_folder, make_data_folder
 
 from sparse_ce.cli import main
-from sparse_ce.collections import bm25_run, load_collection
+from sparse_ce.data.collections import bm25_run, load_collection
 from sparse_ce.data import read_run
-from sparse_ce.evaluate import compare, measure_run, tost, truncate
+from sparse_ce.eval.equivalence import equivalence_summary, queries_for_power, tost, tost_power
+from sparse_ce.eval.evaluate import compare, measure_run, truncate
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,32 @@ def test_tost_separates_equivalent_from_different():
     assert tost([0.0, 0.0, 0.0], 0.02) == 0.0 and tost([0.03, 0.03], 0.02) == 1.0
 
 
+@pytest.mark.parametrize("sd,n,delta", [(0.1, 60, 0.0), (0.05, 40, 0.0), (0.08, 200, 0.01), (0.15, 90, -0.005)])
+def test_tost_power_matches_simulation(sd, n, delta):
+    """The power formula against the rate at which simulated TOSTs conclude equivalence."""
+    rng = random.Random(2)
+    runs = 2000
+    hits = sum(tost([rng.gauss(delta, sd) for _ in range(n)], 0.02) < 0.05 for _ in range(runs))
+    assert tost_power(sd, n, 0.02, delta) == pytest.approx(hits / runs, abs=0.035)
+
+
+def test_queries_for_power_is_the_smallest_sufficient_count():
+    n = queries_for_power(0.1, 0.02)
+    assert tost_power(0.1, n, 0.02) >= 0.8 > tost_power(0.1, n - 1, 0.02)
+    assert queries_for_power(0.1, 0.02, delta=0.03) is None  # a true Δ outside the bound is never equivalent
+    assert queries_for_power(0.2, 0.02) > n  # more spread, more queries
+
+
+def test_equivalence_summary_interval_agrees_with_tost():
+    rng = random.Random(3)
+    for _ in range(20):
+        diffs = [rng.gauss(rng.uniform(-0.02, 0.02), rng.uniform(0.005, 0.05)) for _ in range(rng.randint(10, 300))]
+        summary = equivalence_summary(diffs, 0.02)
+        inside = -0.02 < summary["ci"][0] and summary["ci"][1] < 0.02
+        assert inside == (summary["tost_p"] < 0.05)  # TOST at α ⇔ the (1 - 2α) interval inside the bound
+        assert summary["ci"][0] < summary["delta"] < summary["ci"][1]
+
+
 def test_bm25_run_ranks_term_matches_first():
     docs = {"a": "goldfish grow in water", "b": "the dog barks", "c": "goldfish goldfish and more goldfish"}
     run = bm25_run({"q": "growing goldfish"}, docs, depth=10)
@@ -61,8 +88,26 @@ def test_collections_load_judged_queries_with_texts(data, tmp_path, name, releva
         assert hits and all(PASSAGES[c.docid] == c.text for c in hits)
         assert [c.score for c in hits] == sorted((c.score for c in hits), reverse=True)
     if name in ("vaswani", "scifact"):  # BM25 retrieved and cached
-        assert (tmp_path / "bm25" / f"{name}-top5.run").is_file()
+        assert len(list((tmp_path / "bm25").glob(f"{name}-top5-*.run"))) == 1
         assert all(len(hits) <= 5 for hits in stage.candidates.values())
+
+
+def test_bm25_cache_is_keyed_by_its_inputs(data, tmp_path):
+    """A changed corpus or topic never reuses a cached run of the same name and depth."""
+    first = load_collection("vaswani", data, tmp_path, depth=5)
+    (cached,) = (tmp_path / "bm25").glob("vaswani-top5-*.run")
+    cached.write_text("".join(f"{q} Q0 p10 1 9.0 x\n" for q in first.first_stage.queries))  # a marker run
+    assert all([c.docid for c in hits] == ["p10"] for hits in load_collection("vaswani", data, tmp_path, 5)
+               .first_stage.candidates.values())  # same inputs: the cache is read
+    corpus = data / "vaswani" / "doc-text.trec"
+    original = corpus.read_text()
+    try:
+        corpus.write_text(original.replace("light and heat", "light and heat and goldfish"))
+        again = load_collection("vaswani", data, tmp_path, depth=5)
+    finally:
+        corpus.write_text(original)
+    assert len(list((tmp_path / "bm25").glob("vaswani-top5-*.run"))) == 2
+    assert any([c.docid for c in hits] != ["p10"] for hits in again.first_stage.candidates.values())
 
 
 def test_unknown_collection_is_named(data, tmp_path):
@@ -109,6 +154,9 @@ def test_evaluate_command_writes_runs_tables_and_reuses_runs(data, tmp_path, tin
             assert all(len(hits) <= 8 for hits in run.values())
             assert results["collections"][collection][system]["queries"] > 0
     assert results["setup"]["baseline"] == "ce"
+    pooled = results["pooled"]["bi"]  # with its interval and power, in the JSON and the table
+    assert pooled["ci"][0] <= pooled["delta"] <= pooled["ci"][1] and 0.0 <= pooled["power_at_zero"] <= 1.0
+    assert "power at Δ=0" in table and sum(line.startswith("| `bi` |") for line in table.splitlines()) == 3
     # a reused run is not recomputed: overwrite one with a perfect ranking and see the score follow it
     perfect = {q: [(d, float(g)) for d, g in docs.items()] for q, docs in GRADES.items()}
     (out / "runs" / "bi-dl19-top8.run").write_text(
@@ -121,8 +169,8 @@ def test_evaluate_command_writes_runs_tables_and_reuses_runs(data, tmp_path, tin
     assert "| `bi` |" in (out / "results.md").read_text()
 
 
-def test_evaluate_rejects_bad_systems(data, tmp_path):
-    with pytest.raises(SystemExit, match="NAME=MODEL"):
-        main(["evaluate", "--system", "nomodel", "--output-dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="reserved"):
-        main(["evaluate", "--system", "bm25=x", "--output-dir", str(tmp_path)])
+def test_evaluate_rejects_bad_systems(data, tmp_path, capsys):
+    assert main(["evaluate", "--system", "nomodel", "--output-dir", str(tmp_path)]) == 2
+    assert "--system: expected NAME=MODEL" in capsys.readouterr().err
+    assert main(["evaluate", "--system", "bm25=x", "--output-dir", str(tmp_path)]) == 2
+    assert "reserved" in capsys.readouterr().err

@@ -326,3 +326,20 @@ def test_push_to_hub_uploads_the_complete_folder(model_dir, tmp_path, monkeypatc
     repo_id, kwargs, files = pushed[0]
     assert repo_id == "me/tiny" and kwargs == {"commit_message": "hi"}
     assert {p.name for p in remote_code_files()} <= set(files) and "config.json" in files
+
+
+def test_tokenizer_loads_without_running_remote_code(model_dir, tmp_path):
+    """A saved folder's tokenizer is a plain BERT tokenizer: sparse-ce loads it with no remote code and no prompt."""
+    modules = tmp_path / "modules"
+    script = f"""
+import sys
+from sparse_ce.rank import load_tokenizer
+tokenizer = load_tokenizer({str(model_dir)!r})
+print(type(tokenizer).__name__, tokenizer("do goldfish grow", "goldfish grow")["input_ids"][0])
+"""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(modules))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                            stdin=subprocess.DEVNULL, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[0] in ("BertTokenizer", "BertTokenizerFast") and "Do you wish" not in result.stdout
+    assert not list(modules.rglob("modeling_sparse_ce.py"))  # no remote code was copied, let alone run

@@ -1,7 +1,7 @@
 """The sparse_ce_kernels Hub kernel (kernel_src/), CPU variant: build, load through ``kernels``, equivalence.
 
-The kernel is compiled once per source content (cached under ``~/.cache/sparse-ce-kernel-build/<hash>`` or
-``$SPARSE_CE_KERNEL_BUILD_CACHE``) in a separate process, laid out as a kernel repository ``build/<variant>/``,
+The kernel is compiled once per source content, torch version and CPU (:mod:`sparse_ce.native`, cached under
+``~/.cache/sparse-ce/kernels`` or ``$SPARSE_CE_KERNEL_CACHE``), laid out as a kernel repository ``build/<variant>/``,
 loaded with ``kernels.get_local_kernel`` and, in a fresh process, with ``kernels.get_kernel`` from a fake offline
 Hub cache. Its op is checked against the dense oracle (Schlatt et al., ECIR 2024, Eqs. 1-3) and the per-token
 oracle of test_attention.py: outputs, gradients (shared queries included), all 64 flag combinations, windows,
@@ -10,14 +10,12 @@ one-token documents and documents shorter than the window, half precision, and i
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -31,44 +29,19 @@ from modeling_sparse_ce.attention_dense import dense_attention
 from modeling_sparse_ce.attention_kernel import layout_offsets, load_kernel, pattern_flags
 from modeling_sparse_ce.attention import ATTENTION_FUNCTIONS as ALL_FUNCTIONS
 from modeling_sparse_ce.pattern import Segment
+from sparse_ce.native import build_cpu_kernel
 from test_attention import make_layout, oracle, pattern_of, random_qkv
 
 pytest.importorskip("kernels")
 
-ROOT = Path(__file__).resolve().parents[1]
-BUILD_SCRIPT = ROOT / "kernel_src" / "build_local.py"
 WINDOWS = [None, 0, 1, 4, 64]
 FAKE_SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
-def _build_local_module():
-    spec = importlib.util.spec_from_file_location("sparse_ce_build_local", BUILD_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def kernel_repo() -> Path:
-    """Folder with ``build/<variant>/`` of the CPU kernel, built once per source hash."""
-    builder = _build_local_module()
-    cache = Path(os.environ.get("SPARSE_CE_KERNEL_BUILD_CACHE", Path.home() / ".cache" / "sparse-ce-kernel-build"))
-    repo = cache / builder.source_hash()[:16]
-    variant = repo / "build" / builder.variant_name()
-    if not (variant / "metadata.json").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix="staging-", dir=cache))
-        # a separate process: the build imports the extension, and one process may register its ops only once
-        result = subprocess.run(
-            [sys.executable, str(BUILD_SCRIPT), "--out", str(staging)], capture_output=True, text=True, timeout=900
-        )
-        assert result.returncode == 0, f"kernel build failed:\n{result.stdout}\n{result.stderr}"
-        if not (variant / "metadata.json").exists():
-            shutil.rmtree(repo, ignore_errors=True)
-            staging.rename(repo)
-        else:
-            shutil.rmtree(staging, ignore_errors=True)
-    return repo
+    """Folder with ``build/<variant>/`` of the CPU kernel: the same compile-once cache the models use by default."""
+    return build_cpu_kernel()
 
 
 @pytest.fixture(scope="session")
@@ -123,17 +96,22 @@ def test_get_kernel_from_offline_hub_cache(kernel_repo, tmp_path):
     script = textwrap.dedent(
         """
         import torch
-        from kernels import get_kernel
-        k = get_kernel("sparse-ce/sparse-attention", version=1, trust_remote_code=True)
+        from modeling_sparse_ce import SparseCrossEncoderConfig
+        from modeling_sparse_ce.attention_kernel import find_kernel
+        config = SparseCrossEncoderConfig(kernel_repo_id="sparse-ce/sparse-attention", kernel_revision="%s")
+        k = find_kernel(config, torch.device("cpu"))  # pinned: tried before the built-in op
+        assert k.__name__.startswith("sparse_ce_kernels") or "snapshots" in k.__file__, k
         q = torch.randn(7, 2, 4)
         cu_q, cu_d, r2q = torch.tensor([2, 4]), torch.tensor([4, 5, 7]), torch.tensor([0, 0])
         out = k.sparse_attention(q, q, q, cu_q, cu_d, r2q, 63 - 12, 1)
         assert out.shape == q.shape and torch.isfinite(out).all()
         print("OK", k.ops)
         """
+        % FAKE_SHA
     )
     env = dict(os.environ, KERNELS_CACHE=str(tmp_path), HF_HUB_OFFLINE="1")
-    env.pop("LOCAL_KERNELS", None)
+    for name in ("LOCAL_KERNELS", "SPARSE_CE_KERNEL"):
+        env.pop(name, None)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout
@@ -289,13 +267,19 @@ def test_query_doc_needs_identity_row_to_query(kernel):
 # --- the model on the kernel ---------------------------------------------------------------------------------------
 
 
-def test_model_auto_backend_uses_the_kernel(kernel_repo, tiny_tokenizer, monkeypatch):
-    """``auto`` loads the kernel (local override), scores like ``windowed`` and back-propagates through it."""
+@pytest.mark.parametrize("source", ["builtin", "override"])
+def test_model_auto_backend_uses_the_kernel(kernel_repo, tiny_tokenizer, monkeypatch, source):
+    """``auto`` finds the kernel (by default the built-in CPU op; or a local override), scores like ``windowed`` and
+    back-propagates through it."""
     from modeling_sparse_ce import SparseCrossEncoderForSequenceClassification
     from test_model import pairs_batch, ragged_pairs
     from tiny import make_config
 
-    monkeypatch.setenv("SPARSE_CE_KERNEL", str(kernel_repo))
+    monkeypatch.delenv("LOCAL_KERNELS", raising=False)
+    if source == "override":
+        monkeypatch.setenv("SPARSE_CE_KERNEL", str(kernel_repo))
+    else:
+        monkeypatch.delenv("SPARSE_CE_KERNEL", raising=False)
     load_kernel.cache_clear()
     try:
         torch.manual_seed(0)

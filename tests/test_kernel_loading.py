@@ -1,17 +1,17 @@
-"""Loading the attention kernel through ``kernels``: fallback, once per process, optional dependency."""
+"""Where the attention kernel comes from: nothing unpinned from the Hub, fallback once per process, optional deps."""
 
 from __future__ import annotations
 
 import logging
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from configuration_sparse_ce import DIRECTION_FLAGS
 from modeling_sparse_ce import SparseCrossEncoderForSequenceClassification
+from modeling_sparse_ce import attention_kernel
 from modeling_sparse_ce.attention_kernel import layout_offsets, load_kernel, pattern_flags
 from modeling_sparse_ce.pattern import AttentionPattern
 from test_attention import make_layout
@@ -20,26 +20,95 @@ from tiny import make_config
 
 
 @pytest.fixture(autouse=True)
-def fresh_loader():
-    load_kernel.cache_clear()
+def fresh_loader(monkeypatch):
+    for env in ("SPARSE_CE_KERNEL", "SPARSE_CE_KERNELS_LOCK", "LOCAL_KERNELS"):
+        monkeypatch.delenv(env, raising=False)
+    for cached in (load_kernel, attention_kernel._log_unpinned, attention_kernel._log_fallback):
+        cached.cache_clear()
     yield
-    load_kernel.cache_clear()
+    for cached in (load_kernel, attention_kernel._log_unpinned, attention_kernel._log_fallback):
+        cached.cache_clear()
 
 
-def test_auto_falls_back_to_windowed_once_and_fast(tiny_tokenizer, caplog, monkeypatch):
-    monkeypatch.delenv("SPARSE_CE_KERNEL", raising=False)
-    model = SparseCrossEncoderForSequenceClassification(make_config(tiny_tokenizer)).eval()
-    batch = pairs_batch(tiny_tokenizer, ragged_pairs())
-    start = time.perf_counter()
-    with caplog.at_level(logging.WARNING, logger="modeling_sparse_ce.attention_kernel"), torch.no_grad():
-        auto = model(**batch).logits
-        model(**batch)
-        SparseCrossEncoderForSequenceClassification(make_config(tiny_tokenizer)).eval()(**batch)
-    assert time.perf_counter() - start < 10  # offline: no network retries
-    fallback = [r for r in caplog.records if "unavailable" in r.getMessage()]
-    assert len(fallback) == 1 and "sparse-ce/sparse-attention" in fallback[0].getMessage()
+class RecordingKernels:
+    """A stand-in ``kernels`` module: records every call, loads nothing."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        def record(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            raise RuntimeError("stand-in: nothing to load")
+
+        return record
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    stand_in = RecordingKernels()
+    monkeypatch.setattr(attention_kernel, "kernels", stand_in)
+    monkeypatch.setattr(attention_kernel, "load_cpu_kernel", None)  # no built-in op: only the Hub path is under test
+    return stand_in
+
+
+def run_auto(tokenizer, **config):
+    model = SparseCrossEncoderForSequenceClassification(make_config(tokenizer, **config)).eval()
     with torch.no_grad():
-        torch.testing.assert_close(auto, model(**batch, attention_backend="windowed").logits, atol=0, rtol=0)
+        return model(**pairs_batch(tokenizer, ragged_pairs())).logits, model
+
+
+def test_default_config_makes_no_download_call(tiny_tokenizer, recorder, caplog):
+    with caplog.at_level(logging.WARNING, logger="modeling_sparse_ce.attention_kernel"):
+        logits, model = run_auto(tiny_tokenizer)
+        run_auto(tiny_tokenizer)
+    assert recorder.calls == []
+    fallback = [r.getMessage() for r in caplog.records if "no attention kernel" in r.getMessage()]
+    assert len(fallback) == 1 and "builtin" in fallback[0]  # logged once per process
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(**pairs_batch(tiny_tokenizer, ragged_pairs()),
+                                                 attention_backend="windowed").logits, atol=0, rtol=0)
+
+
+def test_unpinned_repo_id_is_never_fetched(tiny_tokenizer, recorder, caplog):
+    with caplog.at_level(logging.WARNING, logger="modeling_sparse_ce.attention_kernel"):
+        run_auto(tiny_tokenizer, kernel_repo_id="someone/sparse-attention", kernel_version=1)
+        run_auto(tiny_tokenizer, kernel_repo_id="someone/sparse-attention")
+    assert recorder.calls == []
+    unpinned = [r.getMessage() for r in caplog.records if "not pinned" in r.getMessage()]
+    assert len(unpinned) == 1 and "someone/sparse-attention" in unpinned[0]
+
+
+def test_pinned_revision_is_what_gets_downloaded(tiny_tokenizer, recorder):
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    run_auto(tiny_tokenizer, kernel_repo_id="org/kernel", kernel_revision=sha)
+    assert recorder.calls == [("get_kernel", ("org/kernel",), {"revision": sha, "trust_remote_code": True})]
+
+
+def test_lock_file_entry_loads_through_get_locked_kernel(tiny_tokenizer, recorder, monkeypatch, tmp_path):
+    lock = tmp_path / "kernels.lock"
+    lock.write_text("[]")
+    monkeypatch.setenv("SPARSE_CE_KERNELS_LOCK", str(lock))
+    run_auto(tiny_tokenizer, kernel_repo_id="org/kernel")
+    assert recorder.calls == [("get_locked_kernel", ("org/kernel",), {"lockfile": lock, "trust_remote_code": True})]
+
+
+def test_local_kernels_mapping_counts_as_pinned(tiny_tokenizer, recorder, monkeypatch, tmp_path):
+    monkeypatch.setenv("LOCAL_KERNELS", f"org/kernel={tmp_path}")
+    run_auto(tiny_tokenizer, kernel_repo_id="org/kernel", kernel_version=2)
+    assert recorder.calls == [("get_kernel", ("org/kernel",), {"version": 2, "trust_remote_code": True})]
+
+
+@pytest.mark.parametrize("revision", ["main", "v1", "0123abc", "0123456789ABCDEF0123456789ABCDEF01234567", 7])
+def test_revision_must_be_a_commit_sha(tiny_tokenizer, revision):
+    with pytest.raises(ValueError, match="kernel_revision: expected a 40-hex commit sha"):
+        make_config(tiny_tokenizer, kernel_repo_id="org/kernel", kernel_revision=revision)
+
+
+def test_kernel_off_disables_every_source(tiny_tokenizer, recorder, monkeypatch):
+    monkeypatch.setenv("SPARSE_CE_KERNEL", "off")
+    run_auto(tiny_tokenizer, kernel_repo_id="org/kernel", kernel_revision="0" * 40)
+    assert recorder.calls == []
 
 
 def test_explicit_kernel_backend_without_kernel_is_an_error(tiny_tokenizer, monkeypatch):
@@ -53,6 +122,7 @@ def test_remote_code_imports_and_runs_without_kernels(tiny_model_dir, tmp_path):
     script = f"""
 import sys
 sys.modules["kernels"] = None  # not installed
+sys.modules["sparse_ce"] = None  # a Hub folder alone, without the package
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 path = {str(tiny_model_dir)!r}
 tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
@@ -64,7 +134,7 @@ print(model(**tok(["do goldfish grow"], ["goldfish grow"], return_tensors="pt"))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "torch.Size([1, 1])" in result.stdout
-    assert "not installed" in result.stderr
+    assert "no attention kernel for cpu" in result.stderr
 
 
 def test_flag_bits_follow_direction_flag_order():

@@ -123,6 +123,78 @@ def test_segments_from_sep_equal_token_type_ids(tiny_tokenizer):
     torch.testing.assert_close(logits, expected, atol=0, rtol=0)
 
 
+def test_padded_ids_without_mask_use_the_pad_token(tiny_tokenizer):
+    """Padding is not document text: without attention_mask (and token types), [PAD] runs are found by pad_token_id."""
+    model = sparse_model(tiny_tokenizer)
+    batch = pairs_batch(tiny_tokenizer, ragged_pairs())
+    assert not batch["attention_mask"].all()
+    with torch.no_grad():
+        expected = model(**batch).logits
+        ids_only = model(input_ids=batch["input_ids"]).logits
+        ids_and_types = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"]).logits
+    torch.testing.assert_close(ids_only, expected, atol=0, rtol=0)
+    torch.testing.assert_close(ids_and_types, expected, atol=0, rtol=0)
+
+
+def test_padding_without_mask_or_pad_id_blames_the_mask(tiny_tokenizer):
+    model = sparse_model(tiny_tokenizer, pad_token_id=None)
+    batch = pairs_batch(tiny_tokenizer, ragged_pairs())
+    with pytest.raises(SegmentationError, match="attention_mask: row .* looks right-padded"):
+        model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
+
+
+def test_rows_must_start_with_cls(tiny_tokenizer):
+    model = sparse_model(tiny_tokenizer)
+    batch = pairs_batch(tiny_tokenizer, ragged_pairs())
+    batch["input_ids"][1, 0] = tiny_tokenizer.sep_token_id
+    with pytest.raises(SegmentationError, match=r"row 1 starts with id 3, not \[CLS\]"):
+        model(**batch)
+
+
+def test_literal_sep_in_the_query_is_not_a_split_point(tiny_tokenizer):
+    """Without token types a third [SEP] makes the split ambiguous: an error, never a query cut short."""
+    model = sparse_model(tiny_tokenizer)
+    query, doc = "do goldfish [SEP] grow", "goldfish grow"
+    batch = tiny_tokenizer([query], [doc], return_tensors="pt")
+    assert int((batch["input_ids"] == tiny_tokenizer.sep_token_id).sum()) == 3
+    with pytest.raises(SegmentationError, match="3 \\[SEP\\] tokens"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with torch.no_grad():  # token types say where the query ends: scored as given
+        assert model(**batch).logits.shape == (1, 1)
+
+
+def test_dense_mask_is_built_once_per_forward(tiny_tokenizer, monkeypatch):
+    from modeling_sparse_ce.pattern import AttentionPattern
+
+    calls = []
+    original = AttentionPattern.dense_mask
+    monkeypatch.setattr(AttentionPattern, "dense_mask", lambda self, ids: calls.append(1) or original(self, ids))
+    model = sparse_model(tiny_tokenizer)
+    with torch.no_grad():
+        model(**pairs_batch(tiny_tokenizer, ragged_pairs()), attention_backend="dense")
+    assert len(calls) == 1 and TINY_MODEL["num_hidden_layers"] > 1
+
+
+@pytest.mark.parametrize("head", ["cosine", "cls-cosine"])
+def test_cosine_head_is_scaled_cosine_of_segment_means(tiny_tokenizer, head):
+    model = sparse_model(tiny_tokenizer, score_head=head, cosine_scale=7.0)
+    assert model.bert.pooler is None and set(dict(model.classifier.named_parameters())) == {"scale", "bias"}
+    with torch.no_grad():
+        model.classifier.bias.fill_(0.25)
+    batch = pairs_batch(tiny_tokenizer, ragged_pairs())
+    with torch.no_grad():
+        logits = model(**batch).logits
+        hidden = model.bert(**batch).last_hidden_state  # [batch, seq, hidden], zeros on padding
+    types, mask = batch["token_type_ids"], batch["attention_mask"].bool()
+    for row in range(len(logits)):
+        query = hidden[row][(types[row] == 0) & mask[row]][1:].mean(0)  # after [CLS], [SEP] included
+        doc = hidden[row][(types[row] == 1) & mask[row]].mean(0) if head == "cosine" else hidden[row, 0]  # [CLS]
+        expected = 7.0 * torch.cosine_similarity(query, doc, dim=0) + 0.25
+        assert float(logits[row, 0]) == pytest.approx(float(expected), abs=1e-5)
+    with pytest.raises(ValueError, match="score_head"):
+        make_config(tiny_tokenizer, score_head="mean")
+
+
 def test_cpu_training_with_gradient_checkpointing(tiny_tokenizer):
     batch = pairs_batch(tiny_tokenizer, ragged_pairs())
     labels = torch.full((len(ragged_pairs()),), 2.0)

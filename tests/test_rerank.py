@@ -14,7 +14,7 @@ from ir_measures import nDCG
 
 from sparse_ce.cli import main
 from sparse_ce.data import iter_corpus, read_corpus, read_dl_json, read_run, read_topics, write_run
-from sparse_ce.scoring import PairScorer
+from sparse_ce.rank import PairScorer
 
 SHARED_DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
 
@@ -90,7 +90,8 @@ def printed_ndcg(out: str) -> float:
 def test_rerank_dl_json_writes_valid_run_and_prints_ndcg(tiny_model_dir, collection, tmp_path, capsys):
     output = tmp_path / "out" / "reranked.run"
     args = ["rerank", "--model", str(tiny_model_dir), "--dl-json", str(collection["dl.json"]), "--output", str(output)]
-    assert main([*args, "--qrels", str(collection["qrels.txt"]), "--no-progress", "--batch-size", "3"]) == 0
+    assert main([*args, "--qrels", str(collection["qrels.txt"]), "--no-progress", "--batch-tokens", "40",
+                 "--dtype", "float32"]) == 0
     out = capsys.readouterr().out
     run = read_written_run(output)
     assert list(run) == list(QUERIES)
@@ -107,7 +108,7 @@ def test_rerank_dl_json_writes_valid_run_and_prints_ndcg(tiny_model_dir, collect
     assert "RR@10=" in out and "R@100=" in out and "(queries judged: 2)" in out
     assert f"run: {output}" in out
     assert "documents cut to max_length 128: 0 of 10" in out
-    assert "ms per query" in out
+    assert "ms per query" in out and re.search(r"10 pairs in [0-9.]+ s: [0-9.]+ pairs/s", out)
 
 
 @pytest.mark.parametrize("corpus", ["jsonl", "tsv", "trec"])
@@ -188,12 +189,44 @@ def test_metrics_cover_reranked_queries_only(tiny_model_dir, collection, tmp_pat
     assert "RR(rel=2)@10=" in out and "R@100" not in out and "(queries judged: 1)" in out
 
 
-def test_rerank_needs_one_kind_of_input(tiny_model_dir, collection, tmp_path):
+def test_rerank_needs_one_kind_of_input(tiny_model_dir, collection, tmp_path, capsys):
     base = ["rerank", "--model", str(tiny_model_dir), "--output", str(tmp_path / "x.run")]
-    with pytest.raises(SystemExit, match="either --dl-json"):
-        main([*base, "--run", str(collection["first.run"])])
-    with pytest.raises(SystemExit, match="either --dl-json"):
-        main([*base, "--dl-json", str(collection["dl.json"]), "--run", str(collection["first.run"])])
+    assert main([*base, "--run", str(collection["first.run"])]) == 2
+    assert "either --dl-json" in capsys.readouterr().err
+    assert main([*base, "--dl-json", str(collection["dl.json"]), "--run", str(collection["first.run"])]) == 2
+    assert "either --dl-json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "not JSON"),
+        ('{"query": "x"}', "expected a JSON list"),
+        ('[{"query": "x"}]', "entry 0 is not"),
+        ('[{"query": "x", "hits": [{"qid": 1, "docid": "a", "rank": 1, "score": 1}]}]', "a hit without content"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_argument(tiny_model_dir, tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    assert main(["rerank", "--model", str(tiny_model_dir), "--dl-json", str(bad), "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparse-ce rerank: --dl-json:") and message in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("model", ["missing-folder", "./nope", "/no/such/model"])
+def test_missing_model_folder_is_one_line(collection, tmp_path, capsys, model):
+    args = ["rerank", "--model", model, "--dl-json", str(collection["dl.json"]), "--output", str(tmp_path / "x")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"sparse-ce rerank: --model {model}: no such folder"
+
+
+def test_folder_without_config_is_not_a_model(collection, tmp_path, capsys):
+    args = ["rerank", "--model", str(tmp_path), "--dl-json", str(collection["dl.json"]), "--output", str(tmp_path / "x")]
+    assert main(args) == 2
+    assert "not a model folder (no config.json)" in capsys.readouterr().err
 
 
 def test_untrained_head_warns(tiny_model_dir, collection, tmp_path, capsys, caplog):
@@ -333,3 +366,41 @@ def test_first_stage_ranking_pairs_scores_in_pair_order(collection):
     assert [d for d, _ in ranking["2"]] == list(DOCS["2"])
     with pytest.raises(ValueError, match="scores for"):
         stage.ranking([1.0])
+
+
+@pytest.mark.slow
+def test_rerank_under_torchrun_shards_queries_and_writes_one_run(tiny_model_dir, collection, tmp_path):
+    """Two CPU processes (gloo): each scores every other query, the main process writes the merged run."""
+    import os
+    import subprocess
+    import sys
+
+    single = tmp_path / "single.run"
+    assert main(["rerank", "--model", str(tiny_model_dir), "--dl-json", str(collection["dl.json"]), "--output",
+                 str(single), "--no-progress", "--dtype", "float32"]) == 0
+    merged = tmp_path / "merged.run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541", "-m",
+               "sparse_ce.cli", "rerank", "--model", str(tiny_model_dir), "--dl-json", str(collection["dl.json"]),
+               "--output", str(merged), "--qrels", str(collection["qrels.txt"]), "--no-progress", "--dtype", "float32"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run: ") == 1 and "2 process(es) x 1 thread(s)" in result.stdout
+    expected, got = read_written_run(single), read_written_run(merged)
+    assert list(got) == list(expected)  # queries in first-stage order, each complete
+    for qid in expected:
+        assert [d for d, _, _ in got[qid]] == [d for d, _, _ in expected[qid]]
+        assert [s for _, _, s in got[qid]] == pytest.approx([s for _, _, s in expected[qid]], abs=1e-5)
+
+
+def test_dtype_auto_is_bfloat16_only_with_bfloat16_arithmetic(monkeypatch):
+    import torch
+
+    from sparse_ce import runtime
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
+    assert runtime.resolve_dtype("auto", cpu) == "float32"
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    assert runtime.resolve_dtype("auto", cpu) == "bfloat16"
+    assert runtime.resolve_dtype("float32", cpu) == "float32" and runtime.resolve_dtype(None, cpu) is None

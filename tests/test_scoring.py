@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import WORDS, make_model_folder
 
-from sparse_ce.scoring import MIN_DOCUMENT_TOKENS, PairScorer
+from sparse_ce.rank import MIN_DOCUMENT_TOKENS, PairScorer
 
 QUERIES = ["how long is life cycle of flea", "do goldfish grow", "what is wifi vs bluetooth"]
 
@@ -49,6 +49,22 @@ def direct_score(s: PairScorer, input_ids: list[int]) -> float:
     return out.logits[0, 0].item()
 
 
+def test_half_precision_storage_is_scored_in_float32(model_dir, tmp_path):
+    """Weights stored as float16 with config dtype float32 (the shipped model) compute in float32 by default."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    half = tmp_path / "half"
+    shutil.copytree(model_dir, half)
+    AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=True).half().save_pretrained(half)
+    config = json.loads((half / "config.json").read_text())
+    (half / "config.json").write_text(json.dumps({**config, "dtype": "float32"}))
+    assert scorer(half).model.dtype == torch.float32
+    assert scorer(half, dtype="bfloat16").model.dtype == torch.bfloat16
+
+
 def test_default_max_length_and_limit(model_dir):
     assert scorer(model_dir).max_length == 128
     with pytest.raises(ValueError, match="max_position_embeddings 128"):
@@ -56,7 +72,7 @@ def test_default_max_length_and_limit(model_dir):
 
 
 def test_scores_match_single_pairs_in_shuffled_input_order(model_dir, pairs):
-    s = scorer(model_dir, batch_size=4)
+    s = scorer(model_dir, batch_tokens=400)
     queries, documents = pairs
     order = list(range(len(queries)))
     random.Random(1).shuffle(order)
@@ -70,11 +86,47 @@ def test_scores_match_single_pairs_in_shuffled_input_order(model_dir, pairs):
 @pytest.mark.parametrize("maxp", [False, True])
 def test_batching_and_query_sharing_do_not_change_scores(model_dir, pairs, maxp):
     queries, documents = pairs
-    one_by_one, _ = scorer(model_dir, batch_size=1, maxp=maxp).score(queries, documents)
-    per_query, _ = scorer(model_dir, batch_size=6, maxp=maxp).score(queries, documents)  # queries mixed in batches
-    all_at_once, _ = scorer(model_dir, batch_size=64, maxp=maxp).score(queries, documents)
+    one_by_one, _ = scorer(model_dir, batch_tokens=1, maxp=maxp).score(queries, documents)
+    per_query, _ = scorer(model_dir, batch_tokens=700, maxp=maxp).score(queries, documents)  # split queries
+    all_at_once, _ = scorer(model_dir, batch_tokens=100_000, maxp=maxp).score(queries, documents)
     assert per_query == pytest.approx(one_by_one, abs=1e-5)
     assert all_at_once == pytest.approx(one_by_one, abs=1e-5)
+
+
+def test_batches_hold_whole_queries_within_the_token_budget(model_dir, pairs):
+    queries, documents = pairs
+    s = scorer(model_dir, batch_tokens=1000)
+    rows, _ = s.encode(queries + ["why is the dog cold"], documents + ["a dog"])
+    batches = s.batches(rows)
+    assert [row for batch in batches for row in batch] == rows  # every row once, in order
+    padded = [len(batch) * max(len(r.input_ids) for r in batch) for batch in batches]
+    assert all(p <= 1000 for p, batch in zip(padded, batches) if len(batch) > 1)  # one row may exceed it alone
+    for query in {row.query for row in rows}:
+        holding = [i for i, batch in enumerate(batches) if any(r.query == query for r in batch)]
+        rows_of_query = [r for r in rows if r.query == query]
+        if _padded(rows_of_query) <= 1000:
+            assert len(holding) == 1  # a query that fits is never split
+        assert holding == list(range(holding[0], holding[-1] + 1))  # and its forwards are consecutive
+    lengths = [len(r.input_ids) for r in rows if r.query == 0]
+    assert lengths == sorted(lengths, reverse=True)  # longest first within a query: little padding
+    assert len(s.batches(rows)) > len(scorer(model_dir, batch_tokens=100_000).batches(rows)) == 1
+
+
+def _padded(rows):
+    return len(rows) * max(len(r.input_ids) for r in rows)
+
+
+def test_loaded_model_and_backend_option(model_dir, pairs):
+    from transformers import AutoModelForSequenceClassification
+
+    queries, documents = pairs
+    expected, _ = scorer(model_dir).score(queries, documents)
+    loaded = AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=True).train()
+    s = PairScorer(loaded, tokenizer=scorer(model_dir).tokenizer, progress=False, attention_backend="dense")
+    scores, _ = s.score(queries, documents)
+    assert scores == pytest.approx(expected, abs=1e-5) and loaded.training  # scored in eval mode, mode restored
+    with pytest.raises(ValueError, match="tokenizer: needed"):
+        PairScorer(loaded)
 
 
 def test_rows_have_two_sep_and_query_is_never_cut(model_dir, pairs):
@@ -113,7 +165,7 @@ def test_truncation_count_and_warning(model_dir, pairs, caplog):
 
 
 def test_maxp_is_max_over_windows_built_by_hand(model_dir):
-    s = scorer(model_dir, maxp=True, max_length=40, batch_size=3)
+    s = scorer(model_dir, maxp=True, max_length=40, batch_tokens=120)
     tok = s.tokenizer
     query = "how long is life cycle of flea"
     documents = [random_text(random.Random(2), 90), random_text(random.Random(3), 5)]
@@ -177,3 +229,13 @@ def test_dtype_option(model_dir, pairs):
     reference, _ = scorer(model_dir).score(queries, documents)
     scores, _ = s.score(queries, documents)
     assert scores == pytest.approx(reference, abs=0.1)
+
+
+def test_dtype_auto_follows_the_hardware(model_dir, monkeypatch):
+    """``auto``: bfloat16 where the CPU has bfloat16 arithmetic, float32 where it has not."""
+    import sparse_ce.runtime as runtime
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert scorer(model_dir, device="cpu", dtype="auto").model.dtype == torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert scorer(model_dir, device="cpu", dtype="auto").model.dtype == torch.float32

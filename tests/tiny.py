@@ -37,7 +37,8 @@ def make_tokenizer(folder: Path, model_max_length: int = 128) -> BertTokenizerFa
 
 
 def make_config(tokenizer: BertTokenizerFast, preset: str = "sparse", window=2, **overrides) -> SparseCrossEncoderConfig:
-    fields = dict(TINY_MODEL, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, sep_token_id=tokenizer.sep_token_id)
+    fields = dict(TINY_MODEL, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                  sep_token_id=tokenizer.sep_token_id, cls_token_id=tokenizer.cls_token_id)
     fields.update(overrides)
     return SparseCrossEncoderConfig.from_preset(preset, window=window, **fields)
 

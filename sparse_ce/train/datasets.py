@@ -1,32 +1,30 @@
 """Training sets for fine-tuning (sparse) cross-encoders with sentence-transformers' ``CrossEncoderTrainer``.
 
-Schlatt et al. (ECIR 2024) fine-tune on MS MARCO with Margin-MSE against teacher margins. Offline, the training
-queries are TREC DL 2021/2022 (never DL 2019/2020, the test sets): their candidates from several first stages are
-pooled per query, scored by a teacher (:mod:`sparse_ce.teacher`), and turned into the column layout each loss wants:
+Schlatt et al. (ECIR 2024) fine-tune with Margin-MSE against teacher margins (Hofstätter et al., 2020). The pooled
+candidates of the training queries (:mod:`.pool`), scored by a teacher (:mod:`.teacher`), become the column layout
+each loss wants:
 
+- ``listwise``: ``query, docs, labels``: one query's list of candidates (the teacher's hard top plus random ones)
+  labelled with teacher scores, judged grades mixed in (distillation through :mod:`.losses`);
 - ``margin-mse``: ``query, positive, negative, label`` with label = teacher(positive) - teacher(negative);
 - ``bce``: ``query, document, label`` with the judged grade scaled to [0, 1] (qrels needed);
 - ``lambda``: ``query, docs, labels`` lists of judged grades per query (qrels needed).
-
-Online, ``irds:<id>`` reads any ir_datasets collection with scored documents (e.g.
-``irds:msmarco-passage-v2/trec-dl-2021/judged``) instead of the JSON files.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Mapping
 
 from datasets import Dataset
 
-from .data import read_dl_json, read_qrels
+from .pool import TrainingQuery
 
 logger = logging.getLogger(__name__)
 
 LOSS_COLUMNS = {
+    "listwise": ("query", "docs", "labels"),
     "margin-mse": ("query", "positive", "negative", "label"),
     "bce": ("query", "document", "label"),
     "lambda": ("query", "docs", "labels"),
@@ -34,82 +32,52 @@ LOSS_COLUMNS = {
 """Loss name -> the dataset columns it is trained on."""
 
 
-@dataclass
-class TrainingQuery:
-    """A training query: its text and its pooled candidates (document id -> text), in first-seen order."""
+def listwise_dataset(
+    pool: Mapping[str, TrainingQuery],
+    teacher: Mapping[str, Mapping[str, float]],
+    list_size: int,
+    lists_per_query: int,
+    hard: int,
+    hard_depth: int = 30,
+    grades: Mapping[str, Mapping[str, int]] | None = None,
+    grade_weight: float = 0.0,
+    seed: int = 0,
+) -> Dataset:
+    """Lists of one query's candidates labelled with teacher scores, for listwise distillation.
 
-    text: str
-    documents: dict[str, str] = field(default_factory=dict)
-
-
-def read_training_pool(sources: Iterable[str], limit_per_source: int | None = None) -> dict[str, TrainingQuery]:
-    """Pool the candidates of several first-stage sources per query id.
+    Each list holds ``hard`` documents drawn from the teacher's top ``hard_depth`` and ``list_size - hard`` drawn
+    from the rest of the pool, so the student learns both the order at the top and to push clear non-matches down
+    (a re-ranker sees the whole first-stage depth). The label of a judged document is its teacher score plus
+    ``grade_weight * grade``: the judgements move what the teacher got wrong.
 
     Args:
-        sources: TREC DL JSON files (``{"query", "hits": [...]}``), or ``irds:<dataset id>`` for an ir_datasets
-            collection with queries, scored documents and a document store.
-        limit_per_source: Keep at most this many candidates per query from each source.
-
-    Raises:
-        ValueError: when one query id carries two different query texts.
+        pool: Training queries and candidates.
+        teacher: Query id -> document id -> teacher score (z-scored per query, see :mod:`.teacher`).
+        list_size: Documents per list (capped by the pool size of the query).
+        lists_per_query: Lists drawn per query.
+        hard: Documents per list drawn from the teacher's top ``hard_depth``.
+        hard_depth: How deep the teacher's top reaches.
+        grades: Judged grades, optional.
+        grade_weight: Weight of a judged grade in the label (in teacher z-units).
+        seed: Random seed of the sampling.
     """
-    pool: dict[str, TrainingQuery] = {}
-    for source in sources:
-        stage = _read_irds(source) if source.startswith("irds:") else read_dl_json(source)
-        for qid, candidates in stage.candidates.items():
-            entry = pool.setdefault(qid, TrainingQuery(stage.queries[qid]))
-            if entry.text != stage.queries[qid]:
-                raise ValueError(f"{source}: query {qid} reads {stage.queries[qid]!r}, elsewhere {entry.text!r}")
-            for candidate in candidates[:limit_per_source]:
-                entry.documents.setdefault(candidate.docid, candidate.text)
-    logger.info(
-        "training pool: %d queries, %d candidates from %s",
-        len(pool), sum(len(q.documents) for q in pool.values()), ", ".join(map(str, sources)),
-    )
-    return pool
-
-
-def _read_irds(source: str):
-    """A :class:`~sparse_ce.data.FirstStage` from an ir_datasets id (network or a filled ir_datasets cache)."""
-    try:
-        import ir_datasets
-    except ImportError as error:
-        raise ImportError(f"{source}: install ir_datasets to read ir_datasets collections") from error
-    from .data import Candidate, FirstStage
-
-    dataset = ir_datasets.load(source.removeprefix("irds:"))
-    if not dataset.has_scoreddocs():
-        raise ValueError(f"{source}: the collection has no scored documents (a first stage) to train on")
-    queries = {q.query_id: q.text for q in dataset.queries_iter()}
-    ranked: dict[str, list[tuple[float, str]]] = {}
-    for hit in dataset.scoreddocs_iter():
-        ranked.setdefault(hit.query_id, []).append((hit.score, hit.doc_id))
-    store = dataset.docs_store()
-    candidates = {}
-    for qid, hits in ranked.items():
-        hits.sort(reverse=True)
-        docs = store.get_many([docid for _, docid in hits])
-        candidates[qid] = [Candidate(d, docs[d].default_text(), s) for s, d in hits if d in docs]
-    return FirstStage({qid: queries[qid] for qid in candidates}, candidates)
-
-
-def read_grades(paths: Iterable[str | Path]) -> dict[str, dict[str, int]]:
-    """Judged grades, query id -> document id -> grade, from TREC qrels files."""
-    grades: dict[str, dict[str, int]] = {}
-    for path in paths:
-        for qrel in read_qrels(path):
-            grades.setdefault(qrel.query_id, {})[qrel.doc_id] = qrel.relevance
-    return grades
-
-
-def flatten(pool: Mapping[str, TrainingQuery]) -> tuple[list[str], list[str], list[str]]:
-    """Query ids, query texts and document ids of all pooled pairs, query by query."""
-    qids, texts, docids = [], [], []
+    if not 0 <= hard <= list_size:
+        raise ValueError(f"hard: {hard} documents of a list of {list_size}")
+    rng = random.Random(seed)
+    rows: dict[str, list] = {name: [] for name in LOSS_COLUMNS["listwise"]}
     for qid, entry in pool.items():
-        qids += [qid] * len(entry.documents)
-        texts += [entry.text] * len(entry.documents)
-        docids += list(entry.documents)
-    return qids, texts, docids
+        scores = teacher[qid]
+        ranked = sorted(entry.documents, key=lambda d: -scores[d])
+        judged = (grades or {}).get(qid, {})
+        top, rest = ranked[:hard_depth], ranked[hard_depth:]
+        for _ in range(lists_per_query):
+            picked = rng.sample(top, min(hard, len(top)))
+            others = [d for d in ranked if d not in picked] if len(rest) < list_size - len(picked) else rest
+            picked += rng.sample(others, min(list_size - len(picked), len(others)))
+            rows["query"].append(entry.text)
+            rows["docs"].append([entry.documents[d] for d in picked])
+            rows["labels"].append([scores[d] + grade_weight * max(judged.get(d, 0), 0) for d in picked])
+    return Dataset.from_dict(rows).shuffle(seed=seed)
 
 
 def margin_mse_dataset(
@@ -200,20 +168,3 @@ def lambda_dataset(
     if not rows["query"]:
         raise ValueError("lambda: no training query has a judged relevant pooled document; pass qrels")
     return Dataset.from_dict(rows).shuffle(seed=seed)
-
-
-def reranking_samples(
-    pool: Mapping[str, TrainingQuery], grades: Mapping[str, Mapping[str, int]], depth: int, min_grade: int = 2
-) -> list[dict]:
-    """Samples for ``CrossEncoderRerankingEvaluator``: per judged query its first ``depth`` pooled documents and the
-    ones graded ``min_grade`` or more among them (queries without such a document are skipped)."""
-    samples = []
-    for qid, entry in pool.items():
-        docids = list(entry.documents)[:depth]
-        judged = grades.get(qid, {})
-        positives = [entry.documents[d] for d in docids if judged.get(d, 0) >= min_grade]
-        if positives:
-            samples.append(
-                {"query": entry.text, "positive": positives, "documents": [entry.documents[d] for d in docids]}
-            )
-    return samples

@@ -1,9 +1,11 @@
-"""Tokenising and scoring (query, document) pairs with a cross-encoder folder or Hub id.
+"""Tokenising and scoring (query, document) pairs with a cross-encoder folder, Hub id or loaded model.
 
-A sparse cross-encoder (Schlatt et al., ECIR 2024) computes a query once for all rows of a batch that share it, so
-:class:`PairScorer` batches the rows of one query together, sorted by length within the query. Pairs are encoded by
-the tokenizer's own pair encoding (``[CLS] q [SEP] d [SEP]``, right padding); only documents are cut
-(``truncation="only_second"``), or, with MaxP, split into overlapping windows and scored by their best window.
+A sparse cross-encoder (Schlatt et al., ECIR 2024) computes a query once for all rows of a forward that share it, so
+:class:`PairScorer` forms each forward from whole queries (all of a query's candidates together, split only when
+one query alone exceeds the token budget), rows sorted by length within the query so that padding stays small.
+Pairs are tokenised once, by the tokenizer's own pair encoding (``[CLS] q [SEP] d [SEP]``, right padding); only
+documents are cut (``truncation="only_second"``), or, with MaxP, split into overlapping windows and scored by their
+best window.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..runtime import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +27,9 @@ MIN_DOCUMENT_TOKENS = 8
 """The fewest document tokens a query must leave room for within the maximum length."""
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+DEFAULT_BATCH_TOKENS = 16384
+"""Padded tokens per forward: a DL query's 100 passages (~100-200 tokens each) in one or two forwards."""
 
 
 @dataclass
@@ -56,21 +63,28 @@ class Row:
     pair: int
     input_ids: list[int]
     token_type_ids: list[int]
+    query: int = 0
 
 
 class PairScorer:
     """Scores (query, document) pairs with a sequence-classification cross-encoder.
 
     Args:
-        model: Model folder or Hub id (loaded with ``trust_remote_code=True``).
-        device: Torch device; default ``cuda`` when available, else ``cpu``.
-        dtype: Model dtype, a ``torch.dtype`` or a name in :data:`DTYPES`; default the checkpoint's float32.
-        batch_size: Rows per forward pass.
+        model: Model folder or Hub id (loaded with ``trust_remote_code=True``), or a loaded sequence-classification
+            model (then ``tokenizer`` is needed; it is used as it is, on its device, in eval mode while scoring).
+        device: Torch device; default ``cuda`` when available, else ``cpu`` (ignored for a loaded model).
+        dtype: Model dtype, a ``torch.dtype``, a name in :data:`DTYPES` or ``auto`` (bfloat16 where the device computes
+            it natively, else float32); default the checkpoint's float32.
+        batch_tokens: Padded tokens (rows x longest row) per forward pass; a query's rows go into as few forwards
+            as this allows, and several short queries may share one.
         max_length: Tokens per row; default the tokenizer's ``model_max_length`` capped by the model's
             ``max_position_embeddings``.
         maxp: Score long documents by the maximum over overlapping windows (stride: half a window) instead of
             cutting them.
         progress: Show a progress bar.
+        tokenizer: The tokenizer of a loaded ``model``.
+        attention_backend: Passed to every forward (``auto``, ``dense``, ``windowed`` or ``kernel``) for sparse-ce
+            models; ``None`` keeps the model's configured backend.
 
     Raises:
         ValueError: for a ``max_length`` over ``max_position_embeddings`` or a model with more than one logit.
@@ -78,29 +92,47 @@ class PairScorer:
 
     def __init__(
         self,
-        model: str,
+        model: str | PreTrainedModel,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        batch_size: int = 32,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
         max_length: int | None = None,
         maxp: bool = False,
         progress: bool = True,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        attention_backend: str | None = None,
     ) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=True)
+        if isinstance(model, PreTrainedModel):
+            if tokenizer is None:
+                raise ValueError("tokenizer: needed with a loaded model")
+            self.model, self.tokenizer, self.device = model, tokenizer, model.device
+            name = type(model).__name__
+        else:
+            name = str(model)
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            self.tokenizer = tokenizer or load_tokenizer(model)
+            dtype = resolve_dtype(dtype, self.device) if isinstance(dtype, str) else dtype
+            # dtype=None would make transformers compute in the stored dtype (float16 weights: slow, lossy on CPU);
+            # left out, config.json's dtype (float32 for the shipped models) applies
+            options = {"dtype": DTYPES[dtype] if isinstance(dtype, str) else dtype} if dtype is not None else {}
+            self.model = AutoModelForSequenceClassification.from_pretrained(model, trust_remote_code=True, **options)
+            self.model.to(self.device).eval()
         if not self.tokenizer.is_fast:
-            raise ValueError(f"{model}: a fast tokenizer is needed (overflowing windows and pair encoding)")
-        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        self.model = AutoModelForSequenceClassification.from_pretrained(model, trust_remote_code=True, dtype=dtype)
-        self.model.to(self.device).eval()
+            raise ValueError(f"{name}: a fast tokenizer is needed (overflowing windows and pair encoding)")
+        if batch_tokens < 1:
+            raise ValueError(f"batch_tokens: expected a positive number, got {batch_tokens}")
         config = self.model.config
+        model = name
         if config.num_labels != 1:
             raise ValueError(f"{model}: num_labels is {config.num_labels}; a cross-encoder for ranking has one logit")
         limit = config.max_position_embeddings
         if max_length is not None and max_length > limit:
             raise ValueError(f"max_length: {max_length} exceeds the model's max_position_embeddings {limit}")
         self.max_length = max_length or min(self.tokenizer.model_max_length, limit)
-        self.batch_size = batch_size
+        self.batch_tokens = batch_tokens
+        self.forward_options = {"attention_backend": attention_backend} if attention_backend else {}
+        if attention_backend and getattr(config, "model_type", None) != "sparse_ce":
+            raise ValueError(f"attention_backend: {name} is not a sparse-ce model; only sparse-ce models choose one")
         self.maxp = maxp
         self.progress = progress
         self.untrained_head = bool(getattr(config, "sparse_ce_untrained_head", False))
@@ -164,7 +196,8 @@ class PairScorer:
         for i, query in enumerate(queries):
             groups.setdefault(query, []).append(i)
         specials = self.tokenizer.num_special_tokens_to_add(pair=True)
-        rows, long_docs, empty_docs = [], 0, 0
+        rows_by_query: list[list[Row]] = []
+        long_docs, empty_docs = 0, 0
         for query, pairs in groups.items():
             name = names[pairs[0]]
             query_len = len(self.tokenizer(query, add_special_tokens=False)["input_ids"])
@@ -187,29 +220,77 @@ class PairScorer:
             )
             sample = encoded["overflow_to_sample_mapping"]
             group_rows = [
-                Row(pairs[s], ids, types)
+                Row(pairs[s], ids, types, query=len(rows_by_query))
                 for j, (s, ids, types) in enumerate(zip(sample, encoded["input_ids"], encoded["token_type_ids"]))
                 if self.maxp or j == 0 or sample[j - 1] != s  # without MaxP: each document's first window only
             ]
             long_docs += sum(count > 1 for count in Counter(sample).values())
             empty_docs += sum(len(ids) == query_len + specials for ids in encoded["input_ids"])
-            rows += sorted(group_rows, key=lambda row: -len(row.input_ids))
+            rows_by_query.append(sorted(group_rows, key=lambda row: -len(row.input_ids)))
+        rows = [row for group in rows_by_query for row in group]
         return rows, ScoringStats(len(queries), len(rows), long_docs, empty_docs, self.maxp)
+
+    def batches(self, rows: list[Row]) -> list[list[Row]]:
+        """Split rows (grouped by query, longest first within a query) into forwards of at most
+        :attr:`batch_tokens` padded tokens: whole queries where they fit, never a query's rows across two forwards
+        that one could hold."""
+        batches: list[list[Row]] = []
+        current: list[Row] = []
+        for query_rows in _runs_of_one_query(rows):
+            if current and _padded_tokens(current + query_rows) > self.batch_tokens:
+                batches.append(current)
+                current = []
+            for row in query_rows:
+                if current and _padded_tokens(current + [row]) > self.batch_tokens:
+                    batches.append(current)
+                    current = []
+                current.append(row)
+        if current:
+            batches.append(current)
+        return batches
 
     @torch.inference_mode()
     def _run(self, rows: list[Row], num_pairs: int) -> list[float]:
         """Scores of the pairs: each pair's maximum over its rows."""
         scores = torch.full((num_pairs,), float("-inf"))
-        batches = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
-        with tqdm(total=len(rows), unit="row", desc="scoring", disable=not self.progress) as bar:
-            for batch in batches:
-                inputs = self.tokenizer.pad(
-                    {"input_ids": [r.input_ids for r in batch], "token_type_ids": [r.token_type_ids for r in batch]},
-                    padding_side="right",
-                    return_tensors="pt",
-                ).to(self.device)
-                logits = self.model(**inputs).logits[:, 0].float().cpu()
-                pairs = torch.tensor([r.pair for r in batch])
-                scores.scatter_reduce_(0, pairs, logits, reduce="amax")
-                bar.update(len(batch))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with tqdm(total=len(rows), unit="row", desc="scoring", disable=not self.progress) as bar:
+                for batch in self.batches(rows):
+                    inputs = self.tokenizer.pad(
+                        {"input_ids": [r.input_ids for r in batch], "token_type_ids": [r.token_type_ids for r in batch]},
+                        padding_side="right",
+                        return_tensors="pt",
+                    ).to(self.device)
+                    logits = self.model(**inputs, **self.forward_options).logits[:, 0].float().cpu()
+                    pairs = torch.tensor([r.pair for r in batch])
+                    scores.scatter_reduce_(0, pairs, logits, reduce="amax")
+                    bar.update(len(batch))
+        finally:
+            self.model.train(was_training)
         return scores.tolist()
+
+
+def _runs_of_one_query(rows: list[Row]) -> list[list[Row]]:
+    """Consecutive rows of the same query (:meth:`PairScorer.encode` keeps a query's rows together)."""
+    runs: list[list[Row]] = []
+    for row in rows:
+        if runs and runs[-1][-1].query == row.query:
+            runs[-1].append(row)
+        else:
+            runs.append([row])
+    return runs
+
+
+def _padded_tokens(rows: list[Row]) -> int:
+    return len(rows) * max(len(r.input_ids) for r in rows)
+
+
+def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model folder or Hub id, without running or prompting for the model's remote code.
+
+    Sparse-ce folders hold a plain BERT tokenizer; their config's ``auto_map`` names only model classes, so
+    ``trust_remote_code=False`` is enough and never executes code.
+    """
+    return AutoTokenizer.from_pretrained(model, trust_remote_code=False)

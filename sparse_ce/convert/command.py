@@ -21,9 +21,9 @@ from string import Template
 from huggingface_hub import snapshot_download
 from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
 
-from configuration_sparse_ce import DIRECTION_FLAGS, PRESETS, SparseCrossEncoderConfig
+from configuration_sparse_ce import DIRECTION_FLAGS, PRESETS, SCORE_HEADS, SparseCrossEncoderConfig
 from modeling_sparse_ce import SparseCrossEncoderForSequenceClassification
-from sparse_ce.positions import extend_position_embeddings
+from .positions import extend_position_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--window", type=parse_window, default="default",
         help="one-sided document window: an int >= 0, 'none' (unlimited) or 'default' (the pattern's)",
     )
+    parser.add_argument(
+        "--score-head", choices=sorted(SCORE_HEADS), default=None,
+        help="'cls' (BERT pooler + classifier), 'cosine' (scaled cosine of the mean query and document states, for "
+        "bi-encoder sources) or 'cls-cosine' (the mean query state against [CLS]); default: the source's own, else 'cls'",
+    )
     parser.add_argument("--max-positions", type=int, help="extend the position table to N rows by linear interpolation")
     parser.add_argument("--trained-positions", type=int, help="interpolate over the first K rows only")
     parser.add_argument("--model-id", help="Hub id for the model card's usage snippets (default: the DST folder name)")
@@ -69,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     convert(
         args.src, args.dst, pattern=args.pattern, window=args.window, max_positions=args.max_positions,
         trained_positions=args.trained_positions, model_id=args.model_id, overwrite=args.overwrite,
+        score_head=args.score_head,
     )
     return 0
 
@@ -82,6 +88,7 @@ def convert(
     trained_positions: int | None = None,
     model_id: str | None = None,
     overwrite: bool = False,
+    score_head: str | None = None,
 ) -> Path:
     """Convert a BERT checkpoint into a sparse cross-encoder folder.
 
@@ -96,6 +103,8 @@ def convert(
         trained_positions: Interpolate over only this many leading rows of the table.
         model_id: Name used in the model card's usage snippets; default: the name of ``dst``.
         overwrite: Allow writing into a non-empty ``dst``.
+        score_head: ``cls`` or ``cosine`` (see :class:`SparseCrossEncoderConfig`); ``None`` keeps the source's
+            (``cls`` for BERT sources).
 
     Returns:
         The output folder.
@@ -116,20 +125,22 @@ def convert(
         raise FileExistsError(f"dst: {dst} is not empty; pass overwrite=True (--overwrite) to write into it")
 
     source = json.loads((folder / "config.json").read_text())
-    config = build_config(source, pattern, window)
+    config = build_config(source, pattern, window, score_head)
     tokenizer = load_tokenizer(folder)
     config.sep_token_id, config.pad_token_id = tokenizer.sep_token_id, tokenizer.pad_token_id
+    config.cls_token_id = tokenizer.cls_token_id
     model, missing = load_weights(folder, config)
     source_positions = config.max_position_embeddings
     if max_positions is not None:
         extend_position_embeddings(model, max_positions, trained_positions)
     tokenizer.model_max_length = model.config.max_position_embeddings
-    model.config.sparse_ce_untrained_head = bool(missing)  # read by `sparse-ce rerank`; training clears it
+    # read by `sparse-ce rerank`; training clears it. A new cosine head scores like the bi-encoder, not at random
+    model.config.sparse_ce_untrained_head = bool(missing) and model.config.score_head == "cls"
 
     model.save_pretrained(dst)
     tokenizer.save_pretrained(dst)
     notes = _card_notes(source, model.config, hub_id or str(src), missing, source_positions, trained_positions)
-    command = _command(src, model_id or dst.name, pattern, window, max_positions, trained_positions)
+    command = _command(src, model_id or dst.name, pattern, window, max_positions, trained_positions, score_head)
     card = render_model_card(model.config, hub_id or str(src), hub_id, model_id or dst.name, notes, command)
     (dst / "README.md").write_text(card, encoding="utf-8")
     logger.info(
@@ -165,7 +176,7 @@ def resolve_source(src: str | Path) -> tuple[Path, str | None]:
 
 
 def build_config(
-    source: dict, pattern: str | None = None, window: int | None | str = "default"
+    source: dict, pattern: str | None = None, window: int | None | str = "default", score_head: str | None = None
 ) -> SparseCrossEncoderConfig:
     """Build the sparse config from a source ``config.json`` and the requested pattern (one label, no auto_map).
 
@@ -173,6 +184,7 @@ def build_config(
         source: The source config as a dict (``model_type`` ``"bert"`` or ``"sparse_ce"``).
         pattern: See :func:`convert`.
         window: See :func:`convert`.
+        score_head: See :func:`convert`.
     """
     has_pattern = source.get("model_type") == SparseCrossEncoderConfig.model_type or any(
         key in source for key in ("attention_window_size", *DIRECTION_FLAGS)
@@ -183,6 +195,8 @@ def build_config(
         fields.update(attention_window_size=preset.attention_window_size, **preset.pattern_flags)
     elif window != "default":
         fields["attention_window_size"] = window
+    if score_head is not None:
+        fields["score_head"] = score_head
     config = SparseCrossEncoderConfig.from_legacy_dict({**fields, "num_labels": 1})  # rejects non-BERT model types
 
     architectures = source.get("architectures") or []
@@ -229,9 +243,17 @@ def load_weights(
         folder, config=config, output_loading_info=True, ignore_mismatched_sizes=True  # mismatches are errors below
     )
     missing = set(info["missing_keys"])
+    if config.score_head != "cls" and any(k == "classifier.weight" for k in info["unexpected_keys"]):
+        # a cls head's bias has the cosine head's name and shape: start the cosine head afresh instead
+        model.classifier.scale.data.fill_(config.cosine_scale)
+        model.classifier.bias.data.zero_()
+        missing |= {"classifier.scale", "classifier.bias"}
     problems = {
         "missing": sorted(k for k in missing if not k.startswith("classifier.")),
-        "unexpected": sorted(k for k in info["unexpected_keys"] if not IGNORED_UNEXPECTED.search(k)),
+        "unexpected": sorted(
+            k for k in info["unexpected_keys"]
+            if not IGNORED_UNEXPECTED.search(k) and not (config.score_head != "cls" and _replaced_by_cosine(k))
+        ),
         "mismatched": sorted(str(k) for k in info["mismatched_keys"]),
         "errors": list(info.get("error_msgs", [])),
     }
@@ -241,6 +263,11 @@ def load_weights(
     if missing:
         logger.warning("classifier head newly initialised (%s): fine-tune the model", ", ".join(sorted(missing)))
     return model, missing
+
+
+def _replaced_by_cosine(key: str) -> bool:
+    """BERT's pooler and a ``cls`` classifier: the ``cosine`` head has neither."""
+    return key.startswith(("pooler.", "bert.pooler.")) or key in ("classifier.weight", "classifier.bias")
 
 
 def render_model_card(
@@ -256,7 +283,7 @@ def render_model_card(
         notes: Paragraphs on what the conversion changed (head, pattern, positions).
         command: The command line that reproduces the conversion.
     """
-    template = Template(resources.files("sparse_ce").joinpath("model_card.md").read_text(encoding="utf-8"))
+    template = Template(resources.files("sparse_ce.convert").joinpath("model_card.md").read_text(encoding="utf-8"))
     window = config.attention_window_size
     return template.substitute(
         base_model=f"base_model: {hub_id}\n" if hub_id else "",
@@ -273,7 +300,13 @@ def render_model_card(
 
 def _card_notes(source, config, name, missing, source_positions, trained_positions) -> list[str]:
     """The model card's paragraphs on the classifier head, a changed pattern and extended positions."""
-    if missing:
+    if missing and config.score_head != "cls":
+        notes = [
+            f"**The cosine score head is new:** scale {config.cosine_scale:g} and bias 0 over the cosine of the mean "
+            f"query and mean document states of `{name}`. It ranks like a mean-pooling bi-encoder at best (and the "
+            "attention pattern changes those states): fine-tune before use."
+        ]
+    elif missing:
         notes = [
             f"**The classifier head is untrained:** `{name}` had no sequence-classification head, so `classifier.*` "
             "was newly initialised. Scores are meaningless until the model is fine-tuned."
@@ -293,13 +326,15 @@ def _card_notes(source, config, name, missing, source_positions, trained_positio
     return notes
 
 
-def _command(src, dst_name, pattern, window, max_positions, trained_positions) -> str:
+def _command(src, dst_name, pattern, window, max_positions, trained_positions, score_head=None) -> str:
     """The ``sparse-ce convert`` line that reproduces a conversion (for the model card)."""
     parts = ["sparse-ce", "convert", str(src), dst_name]
     if pattern is not None:
         parts += ["--pattern", pattern]
     if window != "default":
         parts += ["--window", "none" if window is None else str(window)]
+    if score_head is not None:
+        parts += ["--score-head", score_head]
     if max_positions is not None:
         parts += ["--max-positions", str(max_positions)]
     if trained_positions is not None:

@@ -20,10 +20,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import ir_measures
-from scipy import stats
-
-from .collections import COLLECTIONS, Collection, load_collection
-from .data import read_run, write_run
+from ..cli import UsageError
+from ..data import read_run, write_run
+from ..data.collections import COLLECTIONS, Collection, load_collection
+from ..rank.rerank import add_scoring_arguments, make_scorer
+from ..rank.shards import process_group, score_first_stage
+from ..runtime import set_threads
+from .equivalence import equivalence_summary, tost
 
 logger = logging.getLogger(__name__)
 
@@ -40,35 +43,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bound", type=float, default=0.02, help="TOST equivalence bound on nDCG@10 (default 0.02)")
     parser.add_argument("--alpha", type=float, default=0.05, help="TOST significance level (default 0.05)")
     parser.add_argument("--depth", type=int, default=100, help="candidates re-ranked per query (default 100)")
+    parser.add_argument("--collection-depth", nargs="+", default=[], metavar="NAME=DEPTH",
+                        help="another depth for some collections, e.g. scifact=30 (long abstracts)")
     parser.add_argument("--limit-queries", type=int, metavar="N", help="first N judged queries of each collection")
     parser.add_argument("--output-dir", type=Path, required=True, help="runs/, results.json and results.md go here")
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="offline data folder")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "sparse-ce", help="BM25 runs")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, help="tokens per row (default: the model's)")
-    parser.add_argument("--dtype", help="model dtype for cross-encoders (default: float32 on CPU)")
+    add_scoring_arguments(parser)
     parser.add_argument("--rerun", action="store_true", help="re-rank even where a run file exists")
 
 
 def run(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
     systems = dict(_parse_system(s) for s in args.system)
     baseline = args.baseline or next(iter(systems))
     if baseline not in systems and baseline != FIRST_STAGE:
-        raise SystemExit(f"--baseline: {baseline!r} is not one of the systems {', '.join(systems)}")
+        raise UsageError(f"--baseline: {baseline!r} is not one of the systems {', '.join(systems)}")
+    rank, _ = process_group()
+    depths = _collection_depths(args)
     per_query = {}
     for name in args.collections:
-        collection = load_collection(name, args.data, args.cache_dir, args.depth)
-        collection = truncate(collection, args.depth, args.limit_queries)
+        depth = depths.get(name, args.depth)
+        collection = load_collection(name, args.data, args.cache_dir, depth)
+        collection = truncate(collection, depth, args.limit_queries)
         per_query[collection.name] = {}
         for system, model in systems.items():
-            path = args.output_dir / "runs" / run_name(system, collection.name, args.depth, args.limit_queries)
+            path = args.output_dir / "runs" / run_name(system, collection.name, depth, args.limit_queries)
             if args.rerun or not path.is_file():
-                rerank(model, collection, path, system, batch_size=args.batch_size, max_length=args.max_length,
-                       dtype=args.dtype)
-            per_query[collection.name][system] = measure_run(collection, read_run(path))
+                rerank(model, collection, path, system, args)
+            if rank == 0:
+                per_query[collection.name][system] = measure_run(collection, read_run(path))
         per_query[collection.name][FIRST_STAGE] = first_stage_scores(collection)  # the reference line, listed last
-    results = compare(per_query, baseline, args.bound)
-    results["setup"] = {"depth": args.depth, "limit_queries": args.limit_queries, "bound": args.bound,
+    if rank != 0:  # another process of a torchrun launch: it helped score, the main one reports
+        return 0
+    results = compare(per_query, baseline, args.bound, args.alpha)
+    results["setup"] = {"depth": args.depth, "collection_depths": depths, "limit_queries": args.limit_queries,
+                        "bound": args.bound,
                         "alpha": args.alpha, "baseline": baseline, "systems": systems}
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -79,12 +89,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _collection_depths(args: argparse.Namespace) -> dict[str, int]:
+    depths = {}
+    for text in args.collection_depth:
+        name, sep, depth = text.partition("=")
+        if not sep or not depth.isdigit() or int(depth) < 1:
+            raise UsageError(f"--collection-depth: expected NAME=DEPTH such as scifact=30, got {text!r}")
+        if name not in args.collections:
+            raise UsageError(f"--collection-depth: {name!r} is not one of --collections")
+        depths[name] = int(depth)
+    return depths
+
+
 def _parse_system(text: str) -> tuple[str, str]:
     name, sep, model = text.partition("=")
     if not sep or not name or not model:
-        raise SystemExit(f"--system: expected NAME=MODEL, got {text!r}")
+        raise UsageError(f"--system: expected NAME=MODEL, got {text!r}")
     if name == FIRST_STAGE or "/" in name:
-        raise SystemExit(f"--system: {name!r} is reserved or not a plain name")
+        raise UsageError(f"--system: {name!r} is reserved or not a plain name")
     return name, model
 
 
@@ -106,28 +128,42 @@ def first_stage_scores(collection: Collection) -> dict:
     return measure_run(collection, collection.first_stage.ranking())
 
 
-def rerank(model: str, collection: Collection, path: Path, tag: str, **scorer_options) -> None:
-    """Re-rank the collection's first stage with ``model`` and write the TREC run to ``path``."""
-    qids, queries, documents = collection.first_stage.pairs()
-    scores = score_pairs(model, queries, documents, qids, **scorer_options)
+def rerank(model: str, collection: Collection, path: Path, tag: str, options: argparse.Namespace | None = None,
+           sharded: bool = True) -> None:
+    """Re-rank the collection's first stage with ``model`` and write the TREC run to ``path``.
+
+    A cross-encoder scores through :func:`~sparse_ce.rank.shards.score_first_stage` (the queries split over the
+    processes of a torchrun launch); a sentence-transformers bi-encoder by cosine similarity, on the main process.
+    ``options`` holds the scoring options of :func:`~sparse_ce.rank.rerank.add_scoring_arguments` (default: theirs).
+    ``sharded=False`` scores everything in this process (a caller that runs on the main process only).
+    """
+    from ..train.teacher import Teacher, is_bi_encoder
+
+    options = options or scoring_defaults()
+    rank = process_group()[0] if sharded else 0
+    stage = collection.first_stage
+    if is_bi_encoder(model):
+        if rank != 0:
+            return
+        _, queries, documents = stage.pairs()
+        scores = Teacher(model, device=options.device).score(queries, documents)
+    else:
+        scored = score_first_stage(make_scorer(model, options, progress=True), stage, sharded=sharded)
+        if scored.scores is None:
+            return
+        scores = scored.scores
+        logger.info("%s on %s: %d pairs at %.1f pairs/s", tag, collection.name, scored.stats.pairs,
+                    scored.pairs_per_second)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_run(path, collection.first_stage.ranking(scores), tag)
+    write_run(path, stage.ranking(scores), tag)
     logger.info("%s on %s: run written to %s", tag, collection.name, path)
 
 
-def score_pairs(model: str, queries: Sequence[str], documents: Sequence[str], qids: Sequence[str], batch_size: int = 32,
-                max_length: int | None = None, dtype: str | None = None) -> list[float]:
-    """Scores of (query, document) pairs by a cross-encoder (:class:`PairScorer`) or a bi-encoder (cosine)."""
-    from .teacher import Teacher, is_bi_encoder
-
-    if is_bi_encoder(model):
-        return Teacher(model, batch_size=batch_size).score(queries, documents)
-    from .scoring import PairScorer
-
-    scorer = PairScorer(model, batch_size=batch_size, max_length=max_length, dtype=dtype)
-    if scorer.untrained_head:
-        logger.warning("%s: the classifier head is untrained; its scores mean nothing", model)
-    return scorer.score(queries, documents, qids)[0]
+def scoring_defaults() -> argparse.Namespace:
+    """The defaults of the scoring options (``rerank`` / ``evaluate`` command line) as a namespace."""
+    parser = argparse.ArgumentParser()
+    add_scoring_arguments(parser)
+    return parser.parse_args([])
 
 
 def measure_run(collection: Collection, run: dict[str, list[tuple[str, float]]]) -> dict:
@@ -150,23 +186,9 @@ def measure_run(collection: Collection, run: dict[str, list[tuple[str, float]]])
     }
 
 
-def tost(differences: Sequence[float], bound: float) -> float:
-    """p-value of a paired TOST for equivalence within ±``bound``: the larger of the two one-sided t-test p-values.
-
-    Returns 1.0 (no evidence) for fewer than two differences and 0.0 when all differences are equal and inside the
-    bound.
-    """
-    if len(differences) < 2:
-        return 1.0
-    if max(differences) == min(differences):
-        return 0.0 if abs(differences[0]) < bound else 1.0
-    lower = stats.ttest_1samp(differences, -bound, alternative="greater").pvalue
-    upper = stats.ttest_1samp(differences, bound, alternative="less").pvalue
-    return float(max(lower, upper))
-
-
-def compare(per_query: dict[str, dict[str, dict]], baseline: str, bound: float) -> dict:
-    """Means, Δ nDCG@10 to the baseline and TOST p-values per collection and over all queries pooled."""
+def compare(per_query: dict[str, dict[str, dict]], baseline: str, bound: float, alpha: float = 0.05) -> dict:
+    """Means, Δ nDCG@10 to the baseline and TOST p-values per collection; over all queries pooled also the
+    interval of Δ and the power of the test (:func:`.equivalence.equivalence_summary`)."""
     results: dict = {"collections": {}, "pooled": {}}
     pooled: dict[str, list[float]] = {}
     for collection, systems in per_query.items():
@@ -180,8 +202,7 @@ def compare(per_query: dict[str, dict[str, dict]], baseline: str, bound: float) 
             pooled.setdefault(system, []).extend(diffs)
         results["collections"][collection] = rows
     for system, diffs in pooled.items():
-        results["pooled"][system] = {"delta": sum(diffs) / max(len(diffs), 1), "tost_p": tost(diffs, bound),
-                                     "queries": len(diffs)}
+        results["pooled"][system] = equivalence_summary(diffs, bound, alpha)
     return results
 
 
@@ -203,9 +224,22 @@ def markdown(results: dict, alpha: float = 0.05) -> str:
     lines.append("")
     counts = ", ".join(f"{c} {next(iter(rows.values()))['queries']}" for c, rows in results["collections"].items())
     lines.append(
-        f"Queries: {counts}; re-ranking depth {setup.get('depth')}; TOST bound ±{setup.get('bound')}, "
+        f"Queries: {counts}; re-ranking depth {setup.get('depth')}"
+        + "".join(f" ({c}: {d})" for c, d in (setup.get("collection_depths") or {}).items())
+        + f"; TOST bound ±{setup.get('bound')}, "
         f"✓ = equivalent at α={alpha}."
     )
+    lines += ["", f"Pooled over all queries: the {1 - 2 * alpha:.0%} interval of Δ (equivalence ⇔ inside ±{setup.get('bound')}), "
+              "the spread of per-query differences, the power of this TOST if the system were in truth equal to the "
+              "baseline, and the queries 80% power would need.", "",
+              "| system | Δ | interval | SD | power at Δ=0 | queries for 80% |", "|---|---|---|---|---|---|"]
+    for system in systems:
+        row = results["pooled"][system]
+        if system != baseline and "sd" in row:
+            needed = row["queries_for_80"]
+            lines.append(f"| `{system}` | {row['delta']:+.4f} | [{row['ci'][0]:+.4f}, {row['ci'][1]:+.4f}] | "
+                         f"{row['sd']:.4f} | {row['power_at_zero']:.2f} ({row['queries']} queries) | "
+                         f"{needed if needed is not None else 'n/a'} |")
     other = {c: [m for m in rows[systems[0]] if "@" in m and m != PRIMARY] for c, rows in results["collections"].items()}
     lines += ["", "| system | " + " | ".join(f"{c} {m}" for c in collections for m in other[c]) + " |",
               "|---" * (1 + sum(map(len, other.values()))) + "|"]
@@ -225,8 +259,10 @@ def _delta_cells(row: dict, is_baseline: bool, alpha: float) -> list[str]:
 
 def evaluate_model(model: str, collections: Iterable[str], data: str | Path, depth: int = 100,
                    limit_queries: int | None = None, cache_dir: str | Path | None = None,
-                   run_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
-    """Means of the measures of one model on each collection (used by ``train_st.py --eval``).
+                   run_dir: str | Path | None = None,
+                   options: argparse.Namespace | None = None) -> dict[str, dict[str, float]]:
+    """Means of the measures of one model on each collection (used by ``train_st.py --eval``), scored in this
+    process only.
 
     Runs go to ``run_dir/<collection>.run``; BM25 runs are cached in ``cache_dir`` (default ``~/.cache/sparse-ce``).
     """
@@ -235,7 +271,7 @@ def evaluate_model(model: str, collections: Iterable[str], data: str | Path, dep
     for name in collections:
         collection = truncate(load_collection(name, data, cache_dir, depth), depth, limit_queries)
         path = Path(run_dir or ".") / f"{collection.name}.run"
-        rerank(model, collection, path, "sparse-ce")
+        rerank(model, collection, path, "sparse-ce", options, sharded=False)
         measured = measure_run(collection, read_run(path))
         results[collection.name] = {**{m: round(v, 4) for m, v in measured["mean"].items()},
                                     "queries": measured["queries"]}

@@ -1,6 +1,6 @@
 """``sparse-ce bench``: time and memory of every attention path, as Table 3 / Figure 2b of Schlatt et al., ECIR 2024.
 
-See :mod:`sparse_ce.bench_measure` for the protocol. This command runs the default set (about ten minutes on a
+See :mod:`sparse_ce.bench.measure` for the protocol. This command runs the default set (about ten minutes on a
 2-core CPU), writes ``results.json``, ``results.md`` (tables, ratios, the CPU targets) and ``figure.png`` (log-log time
 and memory against length), and prints the Markdown. ``--smoke`` is a seconds-long run of the whole pipeline.
 """
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from . import bench_report
-from .bench_measure import (
+from ..cli import UsageError
+from . import report as bench_report
+from .measure import (
     DEFAULT_LENGTHS,
     DEFAULT_SYSTEMS,
     PASSAGES,
@@ -33,7 +34,7 @@ from .bench_measure import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_RANK_MODEL = Path(__file__).resolve().parents[1] / "models" / "sparse-ce-minilm-l6-w4"
+DEFAULT_RANK_MODEL = Path(__file__).resolve().parents[2] / "models" / "sparse-ce-minilm-l6-w4"
 SMOKE_SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=30522)
 
 
@@ -43,13 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(default: {' '.join(map(str, DEFAULT_LENGTHS))})")
     parser.add_argument("--passages", default=f"{PASSAGES[0]}x{PASSAGES[1]}", metavar="DOCSxLENGTH",
                         help="the passage setting: documents per forward x total length (default 100x164; 'none')")
-    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per setting (median; default 5)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per setting at most (median; default 5)")
+    parser.add_argument("--min-repeats", type=int, default=3, help="stop after this many once every system's spread "
+                        "is within 5%% (default 3; = --repeats for a fixed count)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed forwards first (default 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                         help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2, the targets' setting)")
-    parser.add_argument("--kernel", help="load the attention kernel from this build folder (SPARSE_CE_KERNEL)")
+    parser.add_argument("--kernel", help="load the attention kernel from this build folder (SPARSE_CE_KERNEL; default: "
+                        "the kernel models use, on CPU the one sparse-ce builds)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory runs")
     parser.add_argument("--rank-model", default=str(DEFAULT_RANK_MODEL),
                         help="sparse model for the CrossEncoder.rank throughput (default: the shipped model; 'none')")
@@ -60,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.kernel:
+    if args.kernel:  # otherwise the built-in CPU kernel (compiled on first use) or a pinned Hub kernel
         os.environ["SPARSE_CE_KERNEL"] = args.kernel  # read by the kernel loader, here and in the memory subprocesses
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -78,11 +82,12 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     settings = [Setting(1, n) for n in lengths] + ([passages] if passages else [])
-    timings = {}
+    timings, rounds = {}, {}
     for setting in settings:
         logger.info("timing %s tokens x %d documents", setting.total, setting.docs)
-        times = time_systems(systems, setting, device, dtype, repeats, warmup, shape)
+        times = time_systems(systems, setting, device, dtype, repeats, warmup, shape, min_repeats=args.min_repeats)
         timings[setting.label] = {name: statistics.median(t) for name, t in times.items()}
+        rounds[setting.label] = len(next(iter(times.values())))
     memory = {}
     if not args.no_memory:
         for system in systems:
@@ -96,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         rank = _rank(args, device)
     results = {
         "environment": environment(device, args.threads), "dtype": str(dtype).removeprefix("torch."),
-        "repeats": repeats, "warmup": warmup, "systems": [s.name for s in systems], "skipped": skipped,
+        "repeats": repeats, "rounds": rounds, "warmup": warmup, "systems": [s.name for s in systems],
+        "skipped": skipped,
         "settings": [s.label for s in settings], "passages": passages.label if passages else None,
         "ms": timings, "mb": memory, "rank": rank, "seconds": round(time.perf_counter() - start, 1),
         "command": "sparse-ce bench " + " ".join(_argv(args)), "smoke": args.smoke,
@@ -115,12 +121,12 @@ def run(args: argparse.Namespace) -> int:
 def _parse_passages(text: str) -> Setting:
     docs, sep, total = text.partition("x")
     if not sep or not docs.isdigit() or not total.isdigit():
-        raise SystemExit(f"--passages: expected DOCSxLENGTH such as 100x164, got {text!r}")
+        raise UsageError(f"--passages: expected DOCSxLENGTH such as 100x164, got {text!r}")
     return Setting(int(docs), int(total))
 
 
 def _rank(args: argparse.Namespace, device: torch.device) -> dict | None:
-    from .bench_rank import dl19_passages, rank_throughput
+    from .rank import dl19_passages, rank_throughput
 
     if not Path(args.rank_model, "config.json").is_file():
         logger.warning("--rank-model %s: no model folder; skipping the CrossEncoder.rank throughput", args.rank_model)

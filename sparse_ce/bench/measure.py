@@ -72,6 +72,15 @@ DEFAULT_SYSTEMS = ["floor", "bert-sdpa", "bert-eager", "full:dense", "longformer
                    "sparse-w4:kernel", "sparse-w64:kernel"]
 DEFAULT_LENGTHS = [64, 128, 256, 512, 1024, 2048, 4096]
 PASSAGES = (100, 164)  # documents per forward, total length of each
+EAGER_MAX_TOKENS = 1024
+"""Eager (materialised) attention is timed up to this row length: beyond it only shows its quadratic cost again."""
+STABLE_SPREAD = 0.05
+"""Timing stops after ``min_repeats`` rounds once every system's (max - min) / median is at most this."""
+
+
+def runs_at(system: "System", setting: "Setting") -> bool:
+    """Whether ``system`` is measured at ``setting`` (eager attention only up to :data:`EAGER_MAX_TOKENS`)."""
+    return not (system.attn == "eager" and setting.total > EAGER_MAX_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -87,13 +96,11 @@ class Setting:
 
 
 def kernel_available(device: torch.device) -> bool:
-    """Whether the sparse-attention kernel loads (Hub, or ``SPARSE_CE_KERNEL``) and supports ``device``."""
-    from modeling_sparse_ce.attention_kernel import kernel_supports, load_kernel
+    """Whether a sparse-attention kernel loads for ``device`` (``SPARSE_CE_KERNEL``, or the built-in CPU op)."""
     from modeling_sparse_ce import SparseCrossEncoderConfig
+    from modeling_sparse_ce.attention_kernel import find_kernel
 
-    config = SparseCrossEncoderConfig()
-    module = load_kernel(config.kernel_repo_id, config.kernel_version)
-    return module is not None and kernel_supports(module, device)
+    return find_kernel(SparseCrossEncoderConfig(), device) is not None
 
 
 def build(system: System, max_len: int, device: torch.device, dtype: torch.dtype, shape: dict | None = None):
@@ -136,25 +143,36 @@ def _sync(device: torch.device) -> None:
 
 
 def time_systems(systems: list[System], setting: Setting, device: torch.device, dtype: torch.dtype, repeats: int,
-                 warmup: int, shape: dict | None = None) -> dict[str, list[float]]:
-    """Milliseconds per forward of each system, timed round-robin after ``warmup`` forwards each."""
-    models = {s.name: build(s, setting.total, device, dtype, shape) for s in systems}
+                 warmup: int, shape: dict | None = None, min_repeats: int | None = None) -> dict[str, list[float]]:
+    """Milliseconds per forward of each system, timed round-robin after ``warmup`` forwards each.
+
+    At most ``repeats`` rounds; with ``min_repeats``, timing stops early once that many rounds are in and every
+    system's spread is within :data:`STABLE_SPREAD`. Systems that do not run at this setting (:func:`runs_at`) are
+    left out.
+    """
+    models = {s.name: build(s, setting.total, device, dtype, shape) for s in systems if runs_at(s, setting)}
     batch = make_inputs(setting, device)
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for model, kwargs in models.values():
             for _ in range(warmup):
                 model(**batch, **kwargs)
-        for _ in range(repeats):
+        for round_ in range(1, repeats + 1):
             for name, (model, kwargs) in models.items():
                 _sync(device)
                 start = time.perf_counter()
                 model(**batch, **kwargs)
                 _sync(device)
                 times[name].append(1000 * (time.perf_counter() - start))
+            if min_repeats and round_ >= min_repeats and all(_spread(t) <= STABLE_SPREAD for t in times.values()):
+                break
     del models
     gc.collect()
     return times
+
+
+def _spread(times: list[float]) -> float:
+    return (max(times) - min(times)) / statistics.median(times)
 
 
 def _rss_mb() -> float:
@@ -168,6 +186,8 @@ def peak_memory(system: System, settings: list[Setting], device: torch.device, d
     result = {}
     libc = ctypes.CDLL("libc.so.6") if device.type == "cpu" and platform.system() == "Linux" else None
     for setting in sorted(settings, key=lambda s: s.docs * s.total):
+        if not runs_at(system, setting):
+            continue
         model, kwargs = build(system, setting.total, device, dtype, shape)
         batch = make_inputs(setting, device)
         with torch.inference_mode():
@@ -207,7 +227,7 @@ def memory_in_subprocess(system: System, settings: list[Setting], device: torch.
     """:func:`peak_memory` in a fresh Python process (CPU: RSS of this process would include the other systems)."""
     job = {"system": system.name, "settings": [asdict(s) for s in settings], "device": str(device),
            "dtype": str(dtype).removeprefix("torch."), "threads": threads, "shape": shape}
-    code = "import sys; from sparse_ce.bench_measure import _memory_job; _memory_job(sys.argv[1])"
+    code = "import sys; from sparse_ce.bench.measure import _memory_job; _memory_job(sys.argv[1])"
     out = subprocess.run([sys.executable, "-c", code, json.dumps(job)], capture_output=True, text=True, env=os.environ)
     if out.returncode != 0:
         raise RuntimeError(f"memory run of {system.name} failed:\n{out.stderr[-2000:]}")

@@ -8,6 +8,7 @@ ir_datasets collection with queries, documents and qrels and retrieves its BM25 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import ir_measures
 
-from .data import Candidate, FirstStage, iter_corpus, read_dl_json, read_qrels, read_run, read_topics, write_run
+from .first_stage import Candidate, FirstStage, iter_corpus, read_dl_json, read_qrels, read_run, read_topics, write_run
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def _bm25_collection(name, topics, corpus, qrels, cache: Path, depth: int) -> Co
     judged = {q.query_id for q in qrels}
     topics = {qid: text for qid, text in topics.items() if qid in judged}
     docs = dict(corpus) if isinstance(corpus, dict) else dict(iter_corpus(corpus))
-    run_path = cache / "bm25" / f"{name}-top{depth}.run"
+    run_path = cache / "bm25" / f"{name}-top{depth}-{bm25_cache_key(topics, docs)}.run"
     if run_path.is_file():
         run = read_run(run_path)
     else:
@@ -110,6 +111,23 @@ def _bm25_collection(name, topics, corpus, qrels, cache: Path, depth: int) -> Co
         logger.info("%s: BM25 top-%d written to %s", name, depth, run_path)
     candidates = {qid: [Candidate(d, docs[d], s) for d, s in run[qid]] for qid in topics if qid in run}
     return Collection(name, FirstStage({qid: topics[qid] for qid in candidates}, candidates), qrels)
+
+
+BM25_SETTINGS = "bm25s lucene k1=1.5 b=0.75 stopwords=en stemmer=snowball-english"
+"""Everything about the retrieval besides its inputs that the cached run depends on."""
+
+
+def bm25_cache_key(topics: dict[str, str], docs: dict[str, str]) -> str:
+    """A hash of the queries, the documents, the BM25 settings and the bm25s version: a cached run is reused only when
+    all of them are unchanged."""
+    import bm25s
+
+    digest = hashlib.sha256(f"{BM25_SETTINGS} bm25s={bm25s.__version__}".encode())
+    for qid in sorted(topics):
+        digest.update(f"q\0{qid}\0{topics[qid]}\1".encode())
+    for docid in sorted(docs):
+        digest.update(f"d\0{docid}\0{docs[docid]}\1".encode())
+    return digest.hexdigest()[:16]
 
 
 def bm25_run(topics: dict[str, str], docs: dict[str, str], depth: int) -> dict[str, list[tuple[str, float]]]:

@@ -85,13 +85,21 @@ def read_dl_json(path: str | Path, fix_text: bool = True, limit: int | None = No
         path: The JSON file (``.gz`` allowed).
         fix_text: Repair MS MARCO's mojibake (``â€™`` for ``'``) in queries and passages with ``ftfy.fix_text``.
         limit: Keep the first ``limit`` queries only.
+
+    Raises:
+        ValueError: for a file that is not JSON or not in this layout, naming the entry and what is wrong.
     """
     with open_text(path) as f:
-        entries = json.load(f)
+        try:
+            entries = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not JSON ({error})") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a JSON list of {{query, hits}} entries, got {type(entries).__name__}")
     fix = ftfy.fix_text if fix_text else str
     queries, candidates = {}, {}
-    for entry in entries[:limit]:
-        hits = sorted(entry["hits"], key=lambda hit: hit["rank"])
+    for number, entry in enumerate(entries[:limit]):
+        hits = _dl_hits(path, number, entry)
         qids = {str(hit["qid"]) for hit in hits}
         if len(qids) != 1:
             raise ValueError(f"{path}: query {entry['query']!r} has hits of {len(qids)} query ids, expected 1")
@@ -99,6 +107,20 @@ def read_dl_json(path: str | Path, fix_text: bool = True, limit: int | None = No
         queries[qid] = fix(entry["query"])
         candidates[qid] = [Candidate(str(hit["docid"]), fix(hit["content"]), float(hit["score"])) for hit in hits]
     return FirstStage(queries, candidates)
+
+
+DL_HIT_FIELDS = ("qid", "docid", "rank", "score", "content")
+
+
+def _dl_hits(path, number: int, entry) -> list[dict]:
+    """The hits of entry ``number`` in rank order, checked for the fields a first stage needs."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("query"), str) or not isinstance(entry.get("hits"), list):
+        raise ValueError(f"{path}: entry {number} is not {{\"query\": str, \"hits\": [...]}}")
+    for hit in entry["hits"]:
+        missing = [name for name in DL_HIT_FIELDS if not isinstance(hit, dict) or name not in hit]
+        if missing:
+            raise ValueError(f"{path}: entry {number} ({entry['query']!r}) has a hit without {', '.join(missing)}")
+    return sorted(entry["hits"], key=lambda hit: hit["rank"])
 
 
 def read_run(path: str | Path, limit: int | None = None) -> dict[str, list[tuple[str, float]]]:
@@ -259,8 +281,10 @@ def write_run(path: str | Path, ranking: Mapping[str, Sequence[tuple[str, float]
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    partial = path.with_name(path.name + ".partial")  # renamed when complete: a reader never sees half a run
+    with partial.open("w", encoding="utf-8") as f:
         for qid, hits in ranking.items():
             ordered = sorted(((float(score), docid) for docid, score in hits), reverse=True)
             for rank, (score, docid) in enumerate(ordered, 1):
                 f.write(f"{qid} Q0 {docid} {rank} {score!r} {tag}\n")
+    partial.replace(path)

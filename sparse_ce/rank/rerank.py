@@ -1,0 +1,151 @@
+"""``sparse-ce rerank``: re-rank a first-stage run with a cross-encoder and write a TREC run.
+
+The evaluation setting of Schlatt et al., ECIR 2024 (Table 1): re-rank the BM25 top-100 of TREC DL 2019/2020 and
+report nDCG@10. Input is a TREC DL JSON file (queries, hits and passage texts) or a TREC run + topics + corpus;
+with qrels, nDCG@10, RR@10 and R@100 (or ``--measures``) of the written run are printed (ir_measures), averaged
+over the re-ranked queries that have judgements. Each query's candidates go through the model together (the sparse
+model computes the query once), and under ``torchrun`` / ``accelerate launch`` the queries are split over the
+processes and the main process writes one merged run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import ir_measures
+import torch
+
+from ..cli import UsageError
+from ..data import FirstStage, read_dl_json, read_qrels, read_run_first_stage, write_run
+from ..runtime import resolve_dtype, set_threads
+from .scoring import DEFAULT_BATCH_TOKENS, DTYPES, PairScorer
+from .shards import score_first_stage
+
+MEASURES = ("nDCG@10", "RR@10", "R@100")
+BACKENDS = ("auto", "dense", "windowed", "kernel")
+
+
+def _measure(name: str) -> ir_measures.Measure:
+    """An ir_measures measure from its name, as an argparse type."""
+    try:
+        return ir_measures.parse_measure(name)
+    except (NameError, SyntaxError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"not an ir_measures measure: {name!r} ({error})") from error
+
+
+def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of how pairs are scored, shared by ``rerank`` and ``evaluate``."""
+    parser.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use, at most "
+                        "OMP_NUM_THREADS)")
+    parser.add_argument("--backend", choices=BACKENDS, help="attention backend of sparse-ce models (default: the "
+                        "model's own, normally auto: the fused kernel where one loads)")
+    parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+                        help=f"padded tokens per forward; a query's candidates stay together (default {DEFAULT_BATCH_TOKENS})")
+    parser.add_argument("--max-length", type=int,
+                        help="tokens per row (default: the tokenizer's, capped by max_position_embeddings)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                        help="compute dtype (default auto: bfloat16 where the CPU or GPU has bfloat16 arithmetic, "
+                        "else float32)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``rerank`` options to ``parser``."""
+    parser.add_argument(
+        "--model", required=True, help="model folder or Hub id of a sequence-classification cross-encoder"
+    )
+    source = parser.add_argument_group("first stage: --dl-json FILE, or --run, --topics and --corpus")
+    source.add_argument("--dl-json", help="TREC DL JSON: [{query, hits: [{qid, docid, rank, score, content}]}]")
+    source.add_argument("--run", help="TREC run file: qid Q0 docid rank score tag")
+    source.add_argument("--topics", help="topics: TSV qid<TAB>query (.gz allowed) or TREC <top> blocks")
+    source.add_argument("--corpus", help="corpus: BEIR jsonl, TSV docid<TAB>text or TREC <DOC> (.gz allowed)")
+    parser.add_argument("--output", required=True, help="TREC run file to write")
+    parser.add_argument("--qrels", help="TREC qrels: print the measures of the written run")
+    parser.add_argument(
+        "--measures",
+        nargs="+",
+        type=_measure,
+        default=[_measure(name) for name in MEASURES],
+        help=f"ir_measures names, e.g. 'RR(rel=2)@10' for TREC DL's binary cut (default: {' '.join(MEASURES)})",
+    )
+    add_scoring_arguments(parser)
+    parser.add_argument("--maxp", action="store_true", help="score long documents by their best overlapping window")
+    parser.add_argument("--limit-queries", type=int, metavar="N", help="re-rank the first N queries only")
+    parser.add_argument(
+        "--fix-text",
+        action=argparse.BooleanOptionalAction,
+        help="repair mojibake with ftfy (default: on for --dl-json, off otherwise)",
+    )
+    parser.add_argument("--tag", default="sparse-ce", help="run tag (default: sparse-ce)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def make_scorer(model: str, args: argparse.Namespace, progress: bool = True, maxp: bool = False) -> PairScorer:
+    """The :class:`PairScorer` of ``--model`` and the scoring options; a bad model is a one-line :class:`UsageError`."""
+    path = Path(model).expanduser()
+    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
+    if looks_local and not (path / "config.json").is_file():
+        problem = "no such folder" if not path.exists() else "not a model folder (no config.json)"
+        raise UsageError(f"--model {model}: {problem}")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return PairScorer(
+            model, device=device, dtype=resolve_dtype(args.dtype, device), batch_tokens=args.batch_tokens,
+            max_length=args.max_length,
+            maxp=maxp, progress=progress, attention_backend=args.backend,
+        )
+    except (OSError, ValueError) as error:  # Hub id not found / offline, unusable tokenizer, bad max_length
+        raise UsageError(f"--model {model}: {str(error).splitlines()[0]}") from error
+
+
+def run(args: argparse.Namespace) -> int:
+    """Re-rank, write the run and print truncation, measures, run path, time and throughput."""
+    threads = set_threads(args.threads)
+    first_stage = _read_first_stage(args)
+    scorer = make_scorer(args.model, args, progress=not args.no_progress, maxp=args.maxp)
+    scored = score_first_stage(scorer, first_stage)
+    if scored.scores is None:  # another process of a torchrun launch: the main one writes the run
+        return 0
+    write_run(args.output, first_stage.ranking(scored.scores), args.tag)
+
+    stats = scored.stats
+    if scorer.untrained_head:
+        print("WARNING: the classifier head is untrained; scores from an untrained classifier head mean nothing")
+    print(f"documents cut to max_length {scorer.max_length}: {stats.truncated} of {stats.pairs}")
+    if args.maxp:
+        print(f"documents split into MaxP windows: {stats.long_documents} of {stats.pairs} ({stats.rows} rows in all)")
+    if args.qrels:
+        print(_evaluate(args.measures, args.qrels, args.output, set(first_stage.candidates)))
+    print(f"run: {args.output}")
+    per_query = 1000 * scored.seconds / max(len(first_stage), 1)
+    print(f"{len(first_stage)} queries, {stats.pairs} pairs in {scored.seconds:.1f} s: {scored.pairs_per_second:.1f} "
+          f"pairs/s, {per_query:.1f} ms per query ({scored.processes} process(es) x {threads} thread(s), "
+          f"{str(scorer.model.dtype).removeprefix('torch.')})")
+    return 0
+
+
+def _read_first_stage(args: argparse.Namespace) -> FirstStage:
+    files = (args.run, args.topics, args.corpus)
+    try:
+        if args.dl_json and not any(files):
+            fix = True if args.fix_text is None else args.fix_text
+            return read_dl_json(args.dl_json, fix_text=fix, limit=args.limit_queries)
+        if not args.dl_json and all(files):
+            return read_run_first_stage(*files, fix_text=bool(args.fix_text), limit=args.limit_queries)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{'--dl-json' if args.dl_json else '--run/--topics/--corpus'}: {error}") from error
+    raise UsageError("give either --dl-json FILE, or all of --run, --topics and --corpus")
+
+
+def _evaluate(measures: list[ir_measures.Measure], qrels_path: str, run_path: str, qids: set[str]) -> str:
+    """The measures of the written run over the re-ranked queries with judgements (unjudged ones have no value)."""
+    try:
+        qrels = [qrel for qrel in read_qrels(qrels_path) if qrel.query_id in qids]
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--qrels: {error}") from error
+    if not qrels:
+        return f"no judgements in {qrels_path} for the {len(qids)} re-ranked queries"
+    metrics = ir_measures.calc_aggregate(measures, qrels, ir_measures.read_trec_run(run_path))
+    judged = len({qrel.query_id for qrel in qrels})
+    return " ".join(f"{measure}={metrics[measure]:.4f}" for measure in measures) + f" (queries judged: {judged})"

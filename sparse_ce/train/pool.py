@@ -1,0 +1,110 @@
+"""Training queries, their pooled first-stage candidates, judged grades and the held-out dev split.
+
+Schlatt et al. (ECIR 2024) fine-tune on MS MARCO; offline the training queries are TREC DL 2021/2022 (never DL
+2019/2020, the test sets), whose candidates from several first stages (BM25, BM25+RM3, SPLADE++) are pooled per
+query. Part of the judged DL21 queries is held out as a dev set for learning curves and model selection.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..data import Candidate, FirstStage, read_dl_json, read_qrels
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingQuery:
+    """A training query: its text and its pooled candidates (document id -> text), in first-seen order."""
+
+    text: str
+    documents: dict[str, str] = field(default_factory=dict)
+
+
+def read_training_pool(sources: Iterable[str], limit_per_source: int | None = None) -> dict[str, TrainingQuery]:
+    """Pool the candidates of several first-stage sources per query id.
+
+    Args:
+        sources: TREC DL JSON files (``{"query", "hits": [...]}``), or ``irds:<dataset id>`` for an ir_datasets
+            collection with queries, scored documents and a document store.
+        limit_per_source: Keep at most this many candidates per query from each source.
+
+    Raises:
+        ValueError: when one query id carries two different query texts.
+    """
+    pool: dict[str, TrainingQuery] = {}
+    sources = list(sources)
+    for source in sources:
+        stage = _read_irds(source) if source.startswith("irds:") else read_dl_json(source)
+        for qid, candidates in stage.candidates.items():
+            entry = pool.setdefault(qid, TrainingQuery(stage.queries[qid]))
+            if entry.text != stage.queries[qid]:
+                raise ValueError(f"{source}: query {qid} reads {stage.queries[qid]!r}, elsewhere {entry.text!r}")
+            for candidate in candidates[:limit_per_source]:
+                entry.documents.setdefault(candidate.docid, candidate.text)
+    logger.info(
+        "training pool: %d queries, %d candidates from %s",
+        len(pool), sum(len(q.documents) for q in pool.values()), ", ".join(map(str, sources)),
+    )
+    return pool
+
+
+def _read_irds(source: str) -> FirstStage:
+    """A :class:`~sparse_ce.data.FirstStage` from an ir_datasets id (network or a filled ir_datasets cache)."""
+    try:
+        import ir_datasets
+    except ImportError as error:
+        raise ImportError(f"{source}: install ir_datasets to read ir_datasets collections") from error
+
+    dataset = ir_datasets.load(source.removeprefix("irds:"))
+    if not dataset.has_scoreddocs():
+        raise ValueError(f"{source}: the collection has no scored documents (a first stage) to train on")
+    queries = {q.query_id: q.text for q in dataset.queries_iter()}
+    ranked: dict[str, list[tuple[float, str]]] = {}
+    for hit in dataset.scoreddocs_iter():
+        ranked.setdefault(hit.query_id, []).append((hit.score, hit.doc_id))
+    store = dataset.docs_store()
+    candidates = {}
+    for qid, hits in ranked.items():
+        hits.sort(reverse=True)
+        docs = store.get_many([docid for _, docid in hits])
+        candidates[qid] = [Candidate(d, docs[d].default_text(), s) for s, d in hits if d in docs]
+    return FirstStage({qid: queries[qid] for qid in candidates}, candidates)
+
+
+def read_grades(paths: Iterable[str | Path]) -> dict[str, dict[str, int]]:
+    """Judged grades, query id -> document id -> grade, from TREC qrels files."""
+    grades: dict[str, dict[str, int]] = {}
+    for path in paths:
+        for qrel in read_qrels(path):
+            grades.setdefault(qrel.query_id, {})[qrel.doc_id] = qrel.relevance
+    return grades
+
+
+def flatten(pool: Mapping[str, TrainingQuery]) -> tuple[list[str], list[str], list[str]]:
+    """Query ids, query texts and document ids of all pooled pairs, query by query."""
+    qids, texts, docids = [], [], []
+    for qid, entry in pool.items():
+        qids += [qid] * len(entry.documents)
+        texts += [entry.text] * len(entry.documents)
+        docids += list(entry.documents)
+    return qids, texts, docids
+
+
+def dev_split(
+    pool: Mapping[str, TrainingQuery], grades: Mapping[str, Mapping[str, int]], count: int, seed: int = 0
+) -> list[str]:
+    """``count`` judged queries (a grade >= 2 among their judgements) drawn with ``seed``: the held-out dev set.
+
+    The draw depends only on the sorted judged query ids and the seed, so every run of an experiment holds out the
+    same queries whatever its other settings.
+    """
+    judged = sorted(qid for qid in pool if any(g >= 2 for g in grades.get(qid, {}).values()))
+    if count > len(judged):
+        raise ValueError(f"dev queries: {count} asked, but only {len(judged)} training queries are judged")
+    return sorted(random.Random(seed).sample(judged, count))
