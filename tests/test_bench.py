@@ -44,6 +44,16 @@ def test_targets_follow_the_measured_ratios():
     assert "| 4096 tokens |" in table and "| 100 × 164 tokens |" in table and "| no |" in table
 
 
+def test_report_marks_systems_not_run_at_a_setting():
+    results = fake_results(1.05, 105.0)
+    results["systems"].append("bert-eager")
+    results["ms"]["1x256"]["bert-eager"] = 300.0  # eager attention runs only at short lengths
+    table = markdown(results)
+    rows = [line for line in table.splitlines() if line.startswith("| 4096 tokens |")]
+    assert len(rows) == 4 and all(row.endswith("| – |") for row in rows)  # ms, MB and both ratio tables
+    assert "| 256 tokens | 64.0 | 256.0 | 67.2 | 300.0 |" in table
+
+
 def test_every_system_names_a_known_backend():
     for name, system in SYSTEMS.items():
         assert system.kind in ("bert", "sparse", "floor")

@@ -41,7 +41,9 @@ def _rounds(results: dict) -> str:
 
 def _ratios(results: dict, reference: str) -> dict[str, dict[str, float]]:
     ms = results["ms"]
-    return {s: {k: row[s] / row[reference] for k, row in ms.items() if reference in row} for s in results["systems"]}
+    # a system not run at a setting (eager attention above 1,024 tokens) has no ratio there
+    return {s: {k: row[s] / row[reference] for k, row in ms.items() if reference in row and s in row}
+            for s in results["systems"]}
 
 
 def markdown(results: dict) -> str:

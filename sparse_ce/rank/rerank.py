@@ -40,8 +40,9 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
                         "OMP_NUM_THREADS)")
     parser.add_argument("--backend", choices=BACKENDS, help="attention backend of sparse-ce models (default: the "
                         "model's own, normally auto: the fused kernel where one loads)")
-    parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
-                        help=f"padded tokens per forward; a query's candidates stay together (default {DEFAULT_BATCH_TOKENS})")
+    parser.add_argument("--batch-tokens", type=int,
+                        help="padded tokens per forward; a query's candidates stay together where they fit (default: "
+                        + ", ".join(f"{n} on {d}" for d, n in DEFAULT_BATCH_TOKENS.items()) + ")")
     parser.add_argument("--max-length", type=int,
                         help="tokens per row (default: the tokenizer's, capped by max_position_embeddings)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
