@@ -46,7 +46,8 @@ def dense_attention(
         return out.unflatten(0, (batch, seq)).transpose(1, 2)  # [batch, heads, seq, dim]
 
     q, k, v = to_padded(query), to_padded(key), to_padded(value)
-    mask = pattern.dense_mask(layout.segment_ids)[:, None]  # [batch, 1, seq, seq]
+    # mask: [batch, 1, seq, seq], built once per forward for each distinct layer pattern
+    mask = layout.cached(("dense-mask", pattern), lambda: pattern.dense_mask(layout.segment_ids)[:, None])
     weights = None
     if output_attentions:
         scores = torch.matmul(q, k.transpose(-1, -2)) * scaling

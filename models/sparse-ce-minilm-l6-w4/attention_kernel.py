@@ -1,10 +1,17 @@
-"""The fused sparse-attention kernel, loaded from the Hub through the ``kernels`` library.
+"""The fused sparse-attention kernel: where it comes from, and the adapter from :class:`SegmentLayout` to its op.
 
 Schlatt et al., ECIR 2024 left fused kernels for the asymmetric pattern as future work; ``kernel_src/`` holds one (CUDA
-and CPU builds of one op). This module finds it and adapts :class:`SegmentLayout` to the op's ragged arguments. Loading
-is tried once per process; when it fails (no ``kernels`` package, offline, no build for this torch or device), the
-model falls back to the PyTorch ``windowed`` backend with one logged line. ``kernels`` is optional: this file must
-import without it.
+and CPU builds of one op). Native code is loaded only from a source the user pinned or built, in this order:
+
+1. ``SPARSE_CE_KERNEL=DIR``: a local build (``off`` disables every kernel);
+2. the config's ``kernel_repo_id`` from the Hub through ``kernels``, only when pinned: ``kernel_revision`` (a commit
+   sha), an entry in a ``kernels.lock`` (``$SPARSE_CE_KERNELS_LOCK`` or beside a local model's config), or a
+   ``LOCAL_KERNELS`` mapping; an unpinned repo id logs one line and is never fetched;
+3. on CPU, the op the installed sparse-ce package compiles once for this machine (:mod:`sparse_ce.native`).
+
+The first that loads and has an implementation for the model's device is used; otherwise the model falls back to the
+PyTorch ``windowed`` backend with one logged line. Each source is tried once per process. ``kernels`` and sparse-ce
+are optional: this file imports without them.
 """
 
 from __future__ import annotations
@@ -24,32 +31,109 @@ try:  # optional dependency; remote code stays importable without it
 except ImportError:
     kernels = None
 
+try:  # the installed package builds the CPU op; a Hub folder alone does not have it
+    from sparse_ce.native import load_cpu_kernel
+except ImportError:
+    load_cpu_kernel = None
+
 logger = logging.getLogger(__name__)
 
 KERNEL_OVERRIDE_ENV = "SPARSE_CE_KERNEL"
-"""A build folder (``.../build/<variant>`` parent or the kernel folder) to load instead of the Hub repo, or ``off``."""
+"""A build folder (``.../build/<variant>`` parent or the kernel folder) to load instead of anything else, or ``off``."""
+KERNELS_LOCK_ENV = "SPARSE_CE_KERNELS_LOCK"
+"""A ``kernels.lock`` file that pins ``kernel_repo_id`` (the ``kernels lock`` workflow)."""
 
+
+def kernel_sources(config) -> list[tuple[str, str | None, str | None]]:
+    """The pinned or local kernel sources for ``config``, in the order they are tried: ``(kind, what, pin)``."""
+    override = os.environ.get(KERNEL_OVERRIDE_ENV, "")
+    if override.lower() == "off":
+        return []
+    if override:
+        return [("local", override, None)]
+    sources = []
+    repo_id = getattr(config, "kernel_repo_id", None)
+    if repo_id:
+        lockfile = _lockfile(config)
+        if getattr(config, "kernel_revision", None):
+            sources.append(("hub", repo_id, config.kernel_revision))
+        elif lockfile is not None:
+            sources.append(("hub-lock", repo_id, str(lockfile)))
+        elif repo_id in _local_kernels():
+            sources.append(("hub-local", repo_id, None))
+        else:
+            _log_unpinned(repo_id)
+    sources.append(("builtin", None, None))
+    return sources
+
+
+def find_kernel(config, device: torch.device):
+    """The first kernel of :func:`kernel_sources` that loads and supports ``device``, else ``None`` (logged once)."""
+    tried = []
+    for kind, what, pin in kernel_sources(config):
+        if kind == "builtin" and device.type != "cpu":
+            continue
+        module = load_kernel(kind, what, pin, getattr(config, "kernel_version", 1))
+        if module is not None and kernel_supports(module, device):
+            return module
+        tried.append(kind if what is None else f"{kind} {what}")
+    _log_fallback(device.type, ", ".join(tried) or "none")
+    return None
 
 
 @functools.lru_cache(maxsize=None)
-def load_kernel(repo_id: str | None, version: int):
-    """The kernel module for ``repo_id`` (or the :data:`KERNEL_OVERRIDE_ENV` folder), or ``None``; tried once per process."""
-    override = os.environ.get(KERNEL_OVERRIDE_ENV, "")
-    source = override or repo_id
+def load_kernel(kind: str, what: str | None, pin: str | None, version: int = 1):
+    """The kernel module of one source, or ``None`` with one logged line; tried once per process."""
     try:
-        if override.lower() == "off" or not source:
-            raise RuntimeError(f"disabled ({KERNEL_OVERRIDE_ENV}=off or no kernel_repo_id)")
+        if kind == "builtin":
+            if load_cpu_kernel is None:
+                raise ImportError("the sparse-ce package is not installed (pip install sparse-ce)")
+            return load_cpu_kernel()  # logs its own fallback
         if kernels is None:
             raise ImportError("the `kernels` package is not installed (pip install kernels)")
-        if override:
-            module = kernels.get_local_kernel(Path(override), trust_remote_code=True)
-        else:
-            module = kernels.get_kernel(repo_id, version=version, trust_remote_code=True)
-    except Exception as error:  # offline, no variant for this torch, import error: all mean "not here"
-        logger.warning("sparse-ce: attention kernel %s unavailable (%s); using the PyTorch windowed backend", source, error)
+        if kind == "local":
+            module = kernels.get_local_kernel(Path(what), trust_remote_code=True)
+        elif kind == "hub":
+            module = kernels.get_kernel(what, revision=pin, trust_remote_code=True)
+        elif kind == "hub-lock":
+            module = kernels.get_locked_kernel(what, lockfile=Path(pin), trust_remote_code=True)
+        else:  # hub-local: LOCAL_KERNELS maps the repo to a folder, kernels reads it from there
+            module = kernels.get_kernel(what, version=version, trust_remote_code=True)
+    except Exception as error:  # offline, no variant for this torch, not locked, import error: all mean "not here"
+        logger.warning("sparse-ce: attention kernel %s %s unavailable (%s)", kind, what or "", error)
         return None
-    logger.info("sparse-ce: loaded attention kernel %s", source)
+    logger.info("sparse-ce: loaded attention kernel %s %s%s", kind, what, f" @ {pin}" if pin else "")
     return module
+
+
+def _lockfile(config) -> Path | None:
+    candidates = [os.environ.get(KERNELS_LOCK_ENV, "")]
+    folder = getattr(config, "_name_or_path", "") or ""
+    if folder and Path(folder).is_dir():
+        candidates.append(str(Path(folder) / "kernels.lock"))
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def _local_kernels() -> set[str]:
+    """Repo ids mapped to folders by ``LOCAL_KERNELS`` (``org/repo=/path[:org2/repo2=/path2]``)."""
+    mapping = os.environ.get("LOCAL_KERNELS", "")
+    return {item.split("=", 1)[0] for item in mapping.split(":") if "=" in item}
+
+
+@functools.lru_cache(maxsize=None)
+def _log_unpinned(repo_id: str) -> None:
+    logger.warning(
+        "sparse-ce: kernel_repo_id %s is not pinned (no kernel_revision, no kernels.lock entry, no LOCAL_KERNELS); "
+        "it is not downloaded", repo_id,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback(device: str, tried: str) -> None:
+    logger.warning("sparse-ce: no attention kernel for %s (tried: %s); using the PyTorch windowed backend", device, tried)
 
 
 def kernel_supports(module, device: torch.device) -> bool:

@@ -1,9 +1,12 @@
 """Memory-linear attention for the sparse pattern in pure PyTorch (CPU and GPU, differentiable).
 
 Schlatt et al., ECIR 2024, Section 3.4: each segment attends to a tuple of key segments with its own window (Eq. 1-3).
-[CLS] and query rows attend to whole segments (few rows, linear cost). Document rows are processed in blocks: a block
-of rows attends to its prefix keys ([CLS], the row's query) and to the block's own keys plus a halo of ``w`` on each
-side, in one joint softmax, so no document x document score matrix is ever formed.
+Rows are processed in blocks that share one key list: each [CLS] row alone, each unique query's tokens together,
+and each run of ``block`` consecutive tokens of a document. A block's rows and keys are gathered straight from the
+packed query/key/value tensors (whole ``heads x dim`` rows; no padded copies of documents, no concatenated score
+matrices) and each group of blocks is one ``scaled_dot_product_attention`` call with a boolean mask. A document block
+sees its prefix ([CLS], its query) and a band of ``block + 2w`` document keys, so no document x document score matrix
+is formed for a finite window. The gather plan depends only on the layout and the pattern: built once per forward.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from .segments import SegmentLayout
 
 
 def document_block_size(window: int) -> int:
-    """Rows per document block for a one-sided window (halo overhead vs. batched-matmul overhead)."""
-    return max(16, 2 * window)
+    """Rows per document block for a one-sided window: the band's halo (``2w``) against per-block overhead."""
+    return max(32, 2 * window)
 
 
 def windowed_attention(
@@ -37,45 +40,12 @@ def windowed_attention(
     if output_attentions:
         raise ValueError("output_attentions: only attention_backend='dense' returns attention weights")
     _check_supported(pattern, layout)
-    window = pattern.document_window("windowed backend")
-    q_cls, q_query, q_doc = layout.split(query)
-    k_cls, k_query, k_doc = layout.split(key)
-    v_cls, v_query, v_doc = layout.split(value)
-    row_query = layout.row_to_query
-    plan = layout.cached(("band", window), lambda: _band_plan(layout, window))
-    kd, vd = plan.padded(k_doc, layout.batch_size), plan.padded(v_doc, layout.batch_size)
-
-    kq, vq = (layout.pad_query(x).transpose(1, 2) for x in (k_query, v_query))
-    query_mask = layout.cached("query-mask", layout.query_mask)
-    cls_mask = layout.cached("cls-mask", lambda: query_mask.new_ones((layout.batch_size, 1)))
-
-    def keys_for(src: Segment, rows: str, include_self: bool = True):
-        """Keys, values ``[rows, heads, keys, dim]`` and mask ``[rows, keys]`` of the segments ``src`` attends to.
-
-        ``rows="batch"``: one per input row ([CLS] and document rows), reading each row's (possibly shared) query;
-        ``rows="queries"``: one per unique query, which sees [CLS] or the document only when no query is shared.
-        """
-        share = rows == "batch" and layout.shares_queries
-        segments = {
-            Segment.CLS: lambda: (k_cls[:, :, None], v_cls[:, :, None], cls_mask),
-            Segment.QUERY: lambda: (kq[row_query], vq[row_query], query_mask[row_query]) if share else (kq, vq, query_mask),
-            Segment.DOC: lambda: (kd, vd, plan.key_mask),
-        }
-        parts = [part() for dst, part in segments.items() if pattern.allows(src, dst) and (include_self or dst is not src)]
-        if not parts:  # only document rows can have no prefix
-            empty = query.new_zeros((layout.batch_size, query.shape[1], 0, query.shape[2]))
-            return empty, empty, cls_mask[:, :0]
-        return tuple(torch.cat(xs, dim=-2 if i < 2 else -1) if len(xs) > 1 else xs[0] for i, xs in enumerate(zip(*parts)))
-
-    # [CLS] rows: [batch, heads, 1, dim]
-    out_cls = _sdpa(q_cls[:, :, None], *keys_for(Segment.CLS, "batch"), scaling, dropout)[:, :, 0]
-    # query rows: [queries, heads, max_query_len, dim]
-    qq = layout.pad_query(q_query).transpose(1, 2)
-    out_query = layout.unpad_query(_sdpa(qq, *keys_for(Segment.QUERY, "queries"), scaling, dropout).transpose(1, 2))
-    # document rows: prefix segments whole, own segment banded
-    prefix = keys_for(Segment.DOC, "batch", include_self=False)
-    out_doc = _document_attention(q_doc, kd, vd, plan, layout, pattern, prefix, scaling, dropout)
-    return torch.cat([out_cls, out_query, out_doc]), None
+    plan = layout.cached(("blocks", pattern), lambda: _block_plan(layout, pattern))
+    out = query.new_empty(query.shape)  # [tokens, heads, dim]; every token is a real row of exactly one block
+    for group in plan:
+        block_out = _block_attention(query, key, value, group, scaling, dropout)  # [blocks * rows, heads, dim]
+        out.index_copy_(0, group.tokens, block_out.index_select(0, group.slots))
+    return out, None
 
 
 def _check_supported(pattern: AttentionPattern, layout: SegmentLayout) -> None:
@@ -83,90 +53,113 @@ def _check_supported(pattern: AttentionPattern, layout: SegmentLayout) -> None:
         raise ValueError("windowed backend: rows share a query although the query attends to [CLS] or the document")
 
 
-def _sdpa(q, k, v, key_mask, scaling, dropout):
-    # key_mask: [rows, keys] -> [rows, 1, 1, keys]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None], dropout_p=dropout, scale=scaling)
-
-
 @dataclass(frozen=True)
-class _BandPlan:
-    """Where document tokens go in blocked, halo-padded rows, and which band keys each row may see.
+class _BlockGroup:
+    """Blocks of rows that share a key list.
 
     Attributes:
-        block: Rows per block.
-        halo: Keys left and right of a block (``w``; 0 when the window covers the whole document).
-        num_blocks: Blocks per document.
-        rows: ``[doc tokens]`` batch row of each packed document token.
-        cols: ``[doc tokens]`` column of each token in a padded row of ``halo + num_blocks * block + halo``.
-        blocked: ``[batch, 1, blocks, block, block + 2 * halo]`` True where a band key is NOT attended.
-        key_mask: ``[batch, width]`` True on the columns that hold document tokens.
+        rows: ``[blocks, rows]`` packed token of each row slot (0 in padding slots, whose output is never read).
+        keys: ``[blocks, keys]`` packed token of each key slot (0 in padding slots, which are blocked).
+        allowed: ``[blocks, 1, rows, keys]`` True where the row may see the key (every row sees one key at least).
+        slots: ``[real rows]`` flat slots ``block * rows + row`` of the real rows, in packed-token order of ``tokens``.
+        tokens: ``[real rows]`` the packed token of each of those slots.
     """
 
-    block: int
-    halo: int
-    num_blocks: int
     rows: torch.Tensor
-    cols: torch.Tensor
-    blocked: torch.Tensor
-    key_mask: torch.Tensor
+    keys: torch.Tensor
+    allowed: torch.Tensor
+    slots: torch.Tensor
+    tokens: torch.Tensor
 
-    def padded(self, x: torch.Tensor, batch: int) -> torch.Tensor:
-        """Packed document tokens ``[doc tokens, heads, dim]`` to halo-padded rows ``[batch, heads, width, dim]``."""
-        out = x.new_zeros((batch, x.shape[1], self.width, x.shape[2]))
-        out[self.rows, :, self.cols] = x
-        return out
-
-    @property
-    def width(self) -> int:
-        return self.num_blocks * self.block + 2 * self.halo
+    @classmethod
+    def of(cls, rows: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, valid: torch.Tensor) -> "_BlockGroup":
+        """From row indices, key indices, ``allowed [blocks, rows, keys]`` and the validity of the row slots."""
+        slots = valid.flatten().nonzero().squeeze(1)
+        allowed = allowed | ~valid[:, :, None]  # padding rows see everything: a finite softmax, never read back
+        return cls(rows, keys, allowed[:, None], slots, rows.flatten()[slots])
 
 
-def _band_plan(layout: SegmentLayout, window: int | None) -> _BandPlan:
-    doc_len, device = layout.max_doc_len, layout.doc_lengths.device
-    banded = window is not None and window < doc_len - 1  # else the window covers the whole document
-    block, halo = (min(document_block_size(window), doc_len), window) if banded else (doc_len, 0)
-    num_blocks = -(-doc_len // block)
-    slots = layout.doc_slots  # row * max_doc_len + position
-    rows, cols = slots // doc_len, slots % doc_len + halo
-    key_pos = torch.arange(num_blocks, device=device)[:, None] * block - halo + torch.arange(block + 2 * halo, device=device)
-    key_valid = (key_pos[None] >= 0) & (key_pos[None] < layout.doc_lengths[:, None, None])  # [batch, blocks, band]
-    allowed = key_valid[:, :, None, :]
-    if banded:  # |row - key| <= w  <=>  0 <= key slot - row slot <= 2w
-        offset = torch.arange(block + 2 * halo, device=device)[None, :] - torch.arange(block, device=device)[:, None]
-        allowed = allowed & ((offset >= 0) & (offset <= 2 * halo))
-    blocked = ~allowed.expand(layout.batch_size, num_blocks, block, block + 2 * halo)[:, None]
-    width = torch.arange(num_blocks * block + 2 * halo, device=device)[None, :] - halo
-    key_mask = (width >= 0) & (width < layout.doc_lengths[:, None])
-    return _BandPlan(block, halo, num_blocks, rows, cols, blocked, key_mask)
+def _block_attention(query, key, value, group: _BlockGroup, scaling: float, dropout: float) -> torch.Tensor:
+    """Softmax attention of each block's rows over its keys: ``[blocks * rows, heads, dim]``."""
+    blocks, rows = group.rows.shape
+    keys = group.keys.shape[1]
+    heads, dim = query.shape[1:]
+    # rows of [heads * dim] gathered whole; q: [blocks, heads, rows, dim], k/v: [blocks, heads, keys, dim] (views)
+    q = query.index_select(0, group.rows.flatten()).view(blocks, rows, heads, dim).transpose(1, 2)
+    k = key.index_select(0, group.keys.flatten()).view(blocks, keys, heads, dim).transpose(1, 2)
+    v = value.index_select(0, group.keys.flatten()).view(blocks, keys, heads, dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=group.allowed, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).reshape(blocks * rows, heads, dim)
 
 
-def _document_attention(q_doc, kd, vd, plan, layout, pattern, prefix_keys, scaling, dropout):
-    """Document rows: one softmax over the prefix keys and a blocked band of document keys.
+def _block_plan(layout: SegmentLayout, pattern: AttentionPattern) -> tuple[_BlockGroup, ...]:
+    """Gather indices and masks of the [CLS], query and document blocks of ``layout`` under ``pattern``."""
+    device = layout.positions.device
+    batch, tokens = layout.batch_size, layout.positions.shape[0]
+    padding = 0  # the token that padding slots point at
+    rows_b = torch.arange(batch, device=device)
+    query_start = batch + torch.cumsum(layout.query_lengths, 0) - layout.query_lengths  # [queries]
+    doc_start = batch + layout.num_query_tokens + torch.cumsum(layout.doc_lengths, 0) - layout.doc_lengths  # [batch]
 
-    Args:
-        q_doc: Packed document queries ``[doc tokens, heads, dim]``.
-        kd, vd: Halo-padded document keys and values ``[batch, heads, width, dim]`` (:meth:`_BandPlan.padded`).
-        plan: The layout's :class:`_BandPlan`.
-        prefix_keys: Keys, values ``[batch, heads, prefix, dim]`` and mask ``[batch, prefix]`` of [CLS] and query.
+    def span(starts, lengths, width):
+        """``[n, width]`` packed indices ``start + j`` and their validity ``j < length``."""
+        j = torch.arange(width, device=device)[None, :]
+        valid = j < lengths[:, None]
+        return torch.where(valid, starts[:, None] + j, padding), valid
 
-    Returns:
-        Packed output ``[doc tokens, heads, dim]``.
-    """
-    kp, vp, prefix_mask = prefix_keys
-    num_prefix = kp.shape[2]
-    span = plan.num_blocks * plan.block
-    # q: [batch, heads, blocks, block, dim]; k/v band: [batch, heads, blocks, dim, block + 2 * halo]
-    qb = plan.padded(q_doc, layout.batch_size)[:, :, plan.halo : plan.halo + span].unflatten(2, (plan.num_blocks, plan.block))
-    kb = kd.unfold(2, plan.block + 2 * plan.halo, plan.block)
-    vb = vd.unfold(2, plan.block + 2 * plan.halo, plan.block)
-    prefix_scores = torch.matmul(qb, kp[:, :, None].transpose(-1, -2))  # [batch, heads, blocks, block, prefix]
-    scores = torch.cat([prefix_scores, torch.matmul(qb, kb)], dim=-1).mul_(scaling)
-    blocked = layout.cached(("doc-blocked", pattern), lambda: torch.cat(
-        [(~prefix_mask)[:, None, None, None, :].expand(*plan.blocked.shape[:-1], num_prefix), plan.blocked], dim=-1))
-    scores.masked_fill_(blocked, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores.float(), dim=-1).to(q_doc.dtype)
-    probs = F.dropout(probs, p=dropout, training=dropout > 0)
-    out = torch.matmul(probs[..., num_prefix:], vb.transpose(-1, -2))
-    if num_prefix:
-        out += torch.matmul(probs[..., :num_prefix], vp[:, :, None])
-    return out.flatten(2, 3)[plan.rows, :, plan.cols - plan.halo]
+    def keys_of(src: Segment, owner_rows: torch.Tensor, include_self: bool):
+        """Whole-segment keys that ``src`` rows of input rows ``owner_rows`` attend to: indices and validity."""
+        parts = []
+        if pattern.allows(src, Segment.CLS) and (include_self or src is not Segment.CLS):
+            parts.append((owner_rows[:, None], torch.ones_like(owner_rows[:, None], dtype=torch.bool)))
+        if pattern.allows(src, Segment.QUERY) and (include_self or src is not Segment.QUERY):
+            u = layout.row_to_query[owner_rows]
+            parts.append(span(query_start[u], layout.query_lengths[u], layout.max_query_len))
+        if pattern.allows(src, Segment.DOC) and (include_self or src is not Segment.DOC):
+            parts.append(span(doc_start[owner_rows], layout.doc_lengths[owner_rows], layout.max_doc_len))
+        if not parts:
+            empty = owner_rows.new_zeros((owner_rows.shape[0], 0))
+            return empty, empty.bool()
+        return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+
+    groups = []
+    # [CLS] rows: one per input row, its allowed segments whole
+    cls_keys, cls_valid = keys_of(Segment.CLS, rows_b, include_self=True)
+    groups.append(_BlockGroup.of(rows_b[:, None], cls_keys, cls_valid[:, None, :], torch.ones_like(rows_b[:, None]).bool()))
+    # query rows: one block per unique query, read from its first input row (unshared when it sees [CLS] or documents)
+    q_rows, q_rows_valid = span(query_start, layout.query_lengths, layout.max_query_len)
+    q_keys, q_valid = keys_of(Segment.QUERY, layout.query_rows, include_self=True)
+    groups.append(_BlockGroup.of(q_rows, q_keys, q_valid[:, None, :].expand(-1, q_rows.shape[1], -1), q_rows_valid))
+    groups.append(_document_blocks(layout, pattern, doc_start, span, keys_of, padding))
+
+    return tuple(groups)
+
+
+def _document_blocks(layout, pattern, doc_start, span, keys_of, padding) -> _BlockGroup:
+    """Runs of ``block`` consecutive tokens of each document; keys: the prefix segments and a band of the document."""
+    device = doc_start.device
+    window = pattern.document_window("windowed backend")
+    lengths = layout.doc_lengths
+    banded = window is not None and window < layout.max_doc_len - 1
+    block = min(document_block_size(window), layout.max_doc_len) if banded else layout.max_doc_len
+    halo = window if banded else 0
+    per_doc = (lengths + block - 1) // block  # [batch]
+    doc_of_block = torch.repeat_interleave(torch.arange(layout.batch_size, device=device), per_doc)
+    first_block = torch.cumsum(per_doc, 0) - per_doc
+    block_start = (torch.arange(doc_of_block.shape[0], device=device) - first_block[doc_of_block]) * block  # in doc
+    length = lengths[doc_of_block]
+    # rows: [blocks, block] positions block_start + i in the document
+    row_pos = block_start[:, None] + torch.arange(block, device=device)[None, :]
+    row_valid = row_pos < length[:, None]
+    rows = torch.where(row_valid, doc_start[doc_of_block][:, None] + row_pos, padding)
+    # band keys: [blocks, block + 2 * halo] positions block_start - halo + j
+    key_pos = block_start[:, None] - halo + torch.arange(block + 2 * halo, device=device)[None, :]
+    key_valid = (key_pos >= 0) & (key_pos < length[:, None])
+    band = torch.where(key_valid, doc_start[doc_of_block][:, None] + key_pos, padding)
+    allowed = key_valid[:, None, :].expand(-1, block, -1)
+    if banded:  # |row - key| <= w
+        allowed = allowed & ((row_pos[:, :, None] - key_pos[:, None, :]).abs() <= window)
+    prefix, prefix_valid = keys_of(Segment.DOC, doc_of_block, include_self=False)
+    keys = torch.cat([prefix, band], 1)
+    allowed = torch.cat([prefix_valid[:, None, :].expand(-1, block, -1), allowed], 2)
+    return _BlockGroup.of(rows, keys, allowed, row_valid)

@@ -10,6 +10,7 @@ module ``configuration_sparse_ce`` and Hub folders carry a copy beside the model
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from transformers import BertConfig
@@ -41,8 +42,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 ATTENTION_BACKENDS = ("auto", "dense", "windowed", "kernel")
 
-DEFAULT_KERNEL_REPO = "sparse-ce/sparse-attention"
-"""Intended Hub repo (type ``kernel``) of the fused op built from ``kernel_src/``; set ``kernel_repo_id`` to your own."""
+SCORE_HEADS = ("cls", "cosine", "cls-cosine")
+"""How a row becomes one logit: BERT's pooler + linear classifier on [CLS], or a scaled cosine of the mean query
+state and the mean document state or the [CLS] state (see :class:`SparseCrossEncoderConfig`)."""
+
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+"""A pinned kernel revision: a full commit sha (branches, tags and versions can be moved to other code)."""
 
 
 class SparseCrossEncoderConfig(BertConfig):
@@ -58,11 +63,25 @@ class SparseCrossEncoderConfig(BertConfig):
         doc_cls_attention: Document tokens attend to [CLS].
         doc_query_attention: Document tokens attend to the query.
         attention_backend: ``"auto"``, ``"dense"`` (masked SDPA oracle), ``"windowed"`` (memory-linear PyTorch) or
-            ``"kernel"`` (the fused op from ``kernel_repo_id``). ``auto`` prefers the kernel when it loads for the device.
+            ``"kernel"`` (the fused op). ``auto`` prefers the kernel when one loads for the device: a local build
+            (``SPARSE_CE_KERNEL=DIR``), a pinned Hub kernel, or on CPU the op sparse-ce builds on first use.
         share_query: Compute the query once for all rows of a batch that share it, when the pattern allows.
         sep_token_id: Id of [SEP], used to find segments when no ``token_type_ids`` are given.
-        kernel_repo_id: Hub repo of the attention kernel (``None``: never load one).
-        kernel_version: Major version of the kernel to load (``kernels.get_kernel(..., version=N)``).
+        cls_token_id: Id of [CLS]; when set, the model checks that every row starts with it.
+        kernel_repo_id: Hub repo (type ``kernel``) of an attention kernel built from ``kernel_src/`` (``None``, the
+            default: no Hub kernel). It is downloaded only when pinned: by ``kernel_revision``, by an entry in a
+            ``kernels.lock`` (``$SPARSE_CE_KERNELS_LOCK`` or beside a local model's ``config.json``), or by
+            ``LOCAL_KERNELS``; an unpinned repo id logs one line and is not fetched.
+        kernel_revision: The commit sha (40 hex digits) of ``kernel_repo_id`` to load.
+        kernel_version: Kept for configs written before pinning; a version alone is not a pin and loads nothing.
+        score_head: ``"cls"`` (default): BERT's pooler and linear classifier on [CLS], as every BERT cross-encoder.
+            ``"cosine"``: ``scale * cos(mean query state, mean document state) + bias`` (query and document segments
+            with their [SEP], final layer), with a learned scale and bias (``classifier.scale`` / ``classifier.bias``).
+            Made for starting from a mean-pooling bi-encoder such as all-MiniLM-L6-v2, whose [CLS] was never trained:
+            the score ranks like the bi-encoder's before fine-tuning instead of at random.
+            ``"cls-cosine"``: the same with the final [CLS] state in place of the mean document state: [CLS] attends to
+            the whole document in every layer, whatever the document window.
+        cosine_scale: Initial scale of the ``cosine`` head.
         **kwargs: Any :class:`~transformers.BertConfig` field.
     """
 
@@ -80,8 +99,12 @@ class SparseCrossEncoderConfig(BertConfig):
         attention_backend: str = "auto",
         share_query: bool = True,
         sep_token_id: int | None = None,
-        kernel_repo_id: str | None = DEFAULT_KERNEL_REPO,
+        cls_token_id: int | None = None,
+        kernel_repo_id: str | None = None,
+        kernel_revision: str | None = None,
         kernel_version: int = 1,
+        score_head: str = "cls",
+        cosine_scale: float = 20.0,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("num_labels", 1)
@@ -96,8 +119,12 @@ class SparseCrossEncoderConfig(BertConfig):
         self.attention_backend = attention_backend
         self.share_query = share_query
         self.sep_token_id = sep_token_id
+        self.cls_token_id = cls_token_id
         self.kernel_repo_id = kernel_repo_id
+        self.kernel_revision = kernel_revision
         self.kernel_version = kernel_version
+        self.score_head = score_head
+        self.cosine_scale = cosine_scale
         self.validate_pattern()
 
     @classmethod
@@ -150,8 +177,20 @@ class SparseCrossEncoderConfig(BertConfig):
             raise ValueError(f"share_query: expected a bool, got {self.share_query!r}")
         if self.kernel_repo_id is not None and (not isinstance(self.kernel_repo_id, str) or self.kernel_repo_id.count("/") != 1):
             raise ValueError(f"kernel_repo_id: expected None or 'org/name', got {self.kernel_repo_id!r}")
+        if self.kernel_revision is not None and not (
+            isinstance(self.kernel_revision, str) and COMMIT_SHA.fullmatch(self.kernel_revision)
+        ):
+            raise ValueError(
+                f"kernel_revision: expected a 40-hex commit sha (a branch or tag is not a pin), got {self.kernel_revision!r}"
+            )
         if isinstance(self.kernel_version, bool) or not isinstance(self.kernel_version, int) or self.kernel_version < 1:
             raise ValueError(f"kernel_version: expected an int >= 1, got {self.kernel_version!r}")
+        if self.score_head not in SCORE_HEADS:
+            raise ValueError(f"score_head: expected one of {SCORE_HEADS}, got {self.score_head!r}")
+        if self.score_head != "cls" and self.num_labels != 1:
+            raise ValueError(f"score_head: {self.score_head!r} gives one logit, but num_labels is {self.num_labels}")
+        if isinstance(self.cosine_scale, bool) or not isinstance(self.cosine_scale, (int, float)) or self.cosine_scale <= 0:
+            raise ValueError(f"cosine_scale: expected a number > 0, got {self.cosine_scale!r}")
 
     @property
     def pattern_flags(self) -> dict[str, bool]:

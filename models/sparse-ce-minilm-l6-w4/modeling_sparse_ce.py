@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 from transformers.models.bert.modeling_bert import (
@@ -35,8 +36,8 @@ except ImportError:  # installed package: one top-level module, one class
     from configuration_sparse_ce import SparseCrossEncoderConfig
 
 from .attention import ATTENTION_FUNCTIONS, resolve_backend
-from .attention_kernel import kernel_supports, load_kernel
-from .pattern import AttentionPattern
+from .attention_kernel import find_kernel
+from .pattern import AttentionPattern, Segment
 from .segments import SegmentLayout, build_segment_layout
 
 logger = logging.get_logger(__name__)
@@ -217,13 +218,11 @@ class SparseCrossEncoderModel(SparseCrossEncoderPreTrainedModel):
             and not (self.training and self.config.attention_probs_dropout_prob > 0)  # dropout is not fused
             and not all(p.is_full for p in patterns)
         )
-        kernel = load_kernel(self.config.kernel_repo_id, self.config.kernel_version) if wants_kernel else None
-        if kernel is not None and not kernel_supports(kernel, self.device):
-            kernel = None
+        kernel = find_kernel(self.config, self.device) if wants_kernel else None
         if name == "kernel" and kernel is None:
             raise RuntimeError(
-                f"attention_backend='kernel': no kernel for {self.device} (repo {self.config.kernel_repo_id!r}, "
-                "see the log); use 'auto' to fall back to the windowed backend"
+                f"attention_backend='kernel': no kernel for {self.device} (see the log for the sources tried); "
+                "use 'auto' to fall back to the windowed backend"
             )
         names = [resolve_backend(name, p, output_attentions, kernel_ready=kernel is not None) for p in patterns]
         return [functools.partial(ATTENTION_FUNCTIONS[n], kernel=kernel) if n == "kernel" else ATTENTION_FUNCTIONS[n] for n in names]
@@ -241,7 +240,10 @@ class SparseCrossEncoderModel(SparseCrossEncoderPreTrainedModel):
         self._check_inputs(input_ids, attention_mask, token_type_ids)
         patterns = self.layer_patterns()
         share = self.config.share_query and all(p.query_is_independent for p in patterns)
-        layout = build_segment_layout(input_ids, attention_mask, token_type_ids, self.config.sep_token_id, share)
+        layout = build_segment_layout(
+            input_ids, attention_mask, token_type_ids, self.config.sep_token_id, share,
+            pad_token_id=self.config.pad_token_id, cls_token_id=getattr(self.config, "cls_token_id", None),
+        )
         for name, lengths in (("query", layout.query_lengths), ("document", layout.doc_lengths)):
             if bool((lengths == 1).any()):  # the segment holds only its [SEP]
                 logger.warning_once(f"some rows have an empty {name} ([SEP] only); they are scored as they are")
@@ -251,7 +253,7 @@ class SparseCrossEncoderModel(SparseCrossEncoderPreTrainedModel):
         segment = layout.segment_ids.flatten()[layout.positions]
         hidden = self.embeddings(
             input_ids=flat_ids[None],
-            token_type_ids=(segment == 2).long()[None],  # 0: [CLS] query [SEP], 1: document [SEP]
+            token_type_ids=(segment == Segment.DOC).long()[None],  # 0: [CLS] query [SEP], 1: document [SEP]
             position_ids=(layout.positions % seq)[None],
         )[0]
         hidden, all_hidden, all_weights = self.encoder(hidden, layout, patterns, backends, output_attentions, output_hidden_states)
@@ -309,17 +311,55 @@ def _only_positions(position_ids, inputs_embeds) -> None:
         raise ValueError("position_ids: not supported; positions follow the [CLS] q [SEP] d [SEP] layout")
 
 
+class CosineScore(nn.Module):
+    """The ``cosine`` score heads: ``scale * cos(mean query state, mean document state or [CLS] state) + bias``."""
+
+    def __init__(self, config: SparseCrossEncoderConfig) -> None:
+        super().__init__()
+        self.against_cls = config.score_head == "cls-cosine"
+        self.initial_scale = float(config.cosine_scale)
+        self.scale = nn.Parameter(torch.full((1,), self.initial_scale))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, hidden: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
+        # hidden: [tokens, hidden] packed -> logits [batch, 1]
+        query, doc = layout.segment_means(hidden)
+        if self.against_cls:
+            doc = hidden[: layout.batch_size]  # packed order starts with each row's [CLS]
+        return (self.scale * torch.cosine_similarity(query.float(), doc.float(), dim=-1) + self.bias)[:, None]
+
+
 class SparseCrossEncoderForSequenceClassification(SparseCrossEncoderPreTrainedModel):
-    """The cross-encoder: [CLS] of the sparse encoder -> BERT pooler -> dropout -> linear (one logit by default)."""
+    """The cross-encoder: one logit per row from the sparse encoder's final states.
+
+    ``score_head="cls"``: [CLS] -> BERT pooler -> dropout -> linear, as ``BertForSequenceClassification``;
+    ``score_head="cosine"`` or ``"cls-cosine"``: :class:`CosineScore` (no pooler).
+    """
 
     def __init__(self, config: SparseCrossEncoderConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.bert = SparseCrossEncoderModel(config)
+        cosine = config.score_head != "cls"
+        self.bert = SparseCrossEncoderModel(config, add_pooling_layer=not cosine)
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier = CosineScore(config) if cosine else nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, CosineScore):  # transformers' init functions skip loaded parameters
+            init.constant_(module.scale, module.initial_scale)
+            init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
+
+    def score(self, hidden: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
+        """Logits ``[batch, num_labels]`` from packed final states ``[tokens, hidden]``."""
+        if isinstance(self.classifier, CosineScore):
+            return self.classifier(hidden, layout)
+        cls = hidden[: layout.batch_size]  # packed order starts with each row's [CLS]
+        pooled = self.bert.pooler(cls[:, None]) if self.bert.pooler is not None else cls
+        return self.classifier(self.dropout(pooled))
 
     def forward(
         self,
@@ -339,9 +379,7 @@ class SparseCrossEncoderForSequenceClassification(SparseCrossEncoderPreTrainedMo
         hidden, layout, all_hidden, all_weights = self.bert.encode(
             input_ids, attention_mask, token_type_ids, attention_backend, bool(output_attentions), bool(output_hidden_states)
         )
-        cls = hidden[: layout.batch_size]  # packed order starts with each row's [CLS]
-        pooled = self.bert.pooler(cls[:, None]) if self.bert.pooler is not None else cls
-        logits = self.classifier(self.dropout(pooled))
+        logits = self.score(hidden, layout)
         output = SequenceClassifierOutput(
             loss=self._loss(logits, labels) if labels is not None else None,
             logits=logits,

@@ -93,6 +93,24 @@ class SegmentLayout:
         """``[queries, max_query_len]`` True on real query tokens."""
         return _length_mask(self.query_lengths, self.max_query_len)
 
+    def segment_means(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean over each row's query segment and over its document segment ([SEP]s included).
+
+        Args:
+            packed: ``[tokens, hidden]`` in packed order.
+
+        Returns:
+            Query means ``[batch, hidden]`` (a shared query's mean is computed once) and document means ``[batch, hidden]``.
+        """
+        _, query, doc = self.split(packed)
+        query_index = torch.repeat_interleave(torch.arange(self.num_queries, device=packed.device), self.query_lengths)
+        doc_index = torch.repeat_interleave(torch.arange(self.batch_size, device=packed.device), self.doc_lengths)
+        query_mean = query.new_zeros((self.num_queries, query.shape[-1])).index_add_(0, query_index, query)
+        doc_mean = doc.new_zeros((self.batch_size, doc.shape[-1])).index_add_(0, doc_index, doc)
+        query_mean = query_mean / self.query_lengths[:, None].to(query.dtype)
+        doc_mean = doc_mean / self.doc_lengths[:, None].to(doc.dtype)
+        return query_mean[self.row_to_query], doc_mean
+
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """Packed ``[tokens, ...]`` back to padded ``[batch, seq, ...]``; shared query tokens go to every row."""
         flat_index = self.expanded_positions()
@@ -136,27 +154,41 @@ def build_segment_layout(
     token_type_ids: torch.Tensor | None = None,
     sep_token_id: int | None = None,
     share_query: bool = True,
+    pad_token_id: int | None = None,
+    cls_token_id: int | None = None,
 ) -> SegmentLayout:
     """Find the segments of each row of a right-padded ``[CLS] query [SEP] document [SEP]`` batch.
 
     Segments come from ``token_type_ids`` when given (0: [CLS], query and first [SEP]; 1: document and last [SEP]),
-    otherwise from the first ``sep_token_id`` of each row.
+    otherwise from the [SEP] tokens of each row, of which there must be exactly two (a third makes the split
+    ambiguous). Without ``attention_mask``, trailing ``pad_token_id`` tokens are padding.
 
     Args:
         input_ids: ``[batch, seq]`` token ids.
-        attention_mask: ``[batch, seq]``, 1 on tokens and 0 on right padding; ``None`` means no padding.
+        attention_mask: ``[batch, seq]``, 1 on tokens and 0 on right padding; ``None``: padding is found by
+            ``pad_token_id`` (no padding when that is ``None`` too).
         token_type_ids: ``[batch, seq]`` or ``None``.
         sep_token_id: Id of [SEP]; needed when ``token_type_ids`` is ``None``.
         share_query: Let rows with identical query tokens share one copy of them.
+        pad_token_id: Id of [PAD], for inputs without ``attention_mask``.
+        cls_token_id: Id of [CLS]; when given, every row must start with it.
 
     Raises:
-        SegmentationError: for left padding, holes in the mask, missing [SEP] or an empty document segment.
+        SegmentationError: for left padding, holes in the mask, a row not starting with [CLS], missing or extra [SEP]
+            or an empty segment.
     """
     if input_ids.dim() != 2:
         raise SegmentationError(f"input_ids: expected [batch, seq], got shape {tuple(input_ids.shape)}")
     batch, seq = input_ids.shape
     device = input_ids.device
+    if attention_mask is None and pad_token_id is not None:
+        attention_mask = _mask_from_padding(input_ids, pad_token_id)
     mask = _valid_token_mask(input_ids, attention_mask)
+    if cls_token_id is not None and (input_ids[:, 0] != cls_token_id).any():
+        row = int((input_ids[:, 0] != cls_token_id).nonzero()[0])
+        raise SegmentationError(
+            f"input_ids: row {row} starts with id {int(input_ids[row, 0])}, not [CLS] (id {cls_token_id})"
+        )
     lengths = mask.sum(1)
     pos = torch.arange(seq, device=device)[None, :]
     if token_type_ids is not None:
@@ -168,6 +200,11 @@ def build_segment_layout(
         expected = (pos >= prefix[:, None]).to(token_type_ids.dtype)
         if ((token_type_ids != expected) & mask).any():
             row = int(((token_type_ids != expected) & mask).any(1).nonzero()[0])
+            if attention_mask is None and _looks_padded(token_type_ids[row]):
+                raise SegmentationError(
+                    f"attention_mask: row {row} looks right-padded (token types fall back to 0 at its end), but no "
+                    "attention_mask was given and the config has no pad_token_id; pass the tokenizer's attention_mask"
+                )
             raise SegmentationError(
                 f"token_type_ids: row {row} is not 0...0 1...1 ([CLS] query [SEP] = 0, document [SEP] = 1)"
             )
@@ -180,6 +217,13 @@ def build_segment_layout(
         if not is_sep.any(1).all():
             row = int((~is_sep.any(1)).nonzero()[0])
             raise SegmentationError(f"input_ids: row {row} has no [SEP] (id {sep_token_id}) to end the query")
+        seps = is_sep.sum(1)
+        if (seps > 2).any():
+            row = int((seps > 2).nonzero()[0])
+            raise SegmentationError(
+                f"input_ids: row {row} has {int(seps[row])} [SEP] tokens, so where the query ends is ambiguous (a "
+                "literal [SEP] in the text?); pass token_type_ids, or tokenize with split_special_tokens=True"
+            )
         prefix = is_sep.to(torch.int8).argmax(1) + 1
     query_lengths_per_row = prefix - 1
     doc_lengths = lengths - prefix
@@ -222,6 +266,20 @@ def build_segment_layout(
         max_query_len=max_query_len,
         max_doc_len=max_doc_len,
     )
+
+
+def _mask_from_padding(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """1 up to the last non-[PAD] token of each row, 0 on the trailing [PAD] run (right padding)."""
+    is_token = input_ids != pad_token_id
+    positions = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)
+    last = (is_token * positions).amax(1)  # 1-based position of the last real token, 0 for an all-[PAD] row
+    return (positions[None, :] <= last[:, None]).long()
+
+
+def _looks_padded(types: torch.Tensor) -> bool:
+    """Token types ``0..0 1..1 0..0``: a document followed by padding that was typed 0."""
+    ones = (types == 1).nonzero()
+    return bool(len(ones)) and bool((types[int(ones[-1]) + 1 :] == 0).all()) and int(ones[-1]) + 1 < len(types)
 
 
 def _valid_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
