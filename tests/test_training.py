@@ -266,6 +266,7 @@ def test_train_st_end_to_end(tmp_path, data):
     assert not torch.allclose(before, after, atol=1e-4)  # trained
     card = (out / "README.md").read_text()
     assert "train_st.py" in card and "| dl19 |" in card and "untrained" not in card and "listwise" in card
+    assert "3 steps of 1 list(s) of 4 candidates" in card
     assert not (out / "trainer").exists() and (out / "modeling_sparse_ce.py").is_file()
     assert list((tmp_path / "cache" / "teacher").glob("teacher-*.json"))
     from sentence_transformers import CrossEncoder

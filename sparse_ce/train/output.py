@@ -39,10 +39,12 @@ def write_card(output: Path, config, record: dict, model_id: str, extra: list[st
     """The model card: the settings of ``config``, how the model was trained (``record``, also written to
     ``training.json``), what it scored, and ``extra`` Markdown paragraphs."""
     teacher = f", teacher {record['teacher']}" if record.get("teacher") else ""
+    lists = record.get("lists") or {}
+    unit = f"list(s) of {lists['list_size']} candidates" if lists.get("list_size") else "examples"
     lines = [
         f"Fine-tuned with `train_st.py` (sentence-transformers `CrossEncoderTrainer`, {record['loss']} loss{teacher}, "
         f"{record.get('score_head', 'cls')} score head) for {record['steps']} steps of {record['batch_size']} "
-        f"examples × {record['world_size']} device(s), lr {record['lr']}, seed {record['seed']}, on "
+        f"{unit} × {record['world_size']} device(s), lr {record['lr']}, seed {record['seed']}, on "
         f"{record['train_rows']} training rows from TREC DL 2021/2022 candidates; {record['train_seconds']:.0f} s on "
         f"{record['device']}.",
     ]
