@@ -180,6 +180,16 @@ def dev_first_stage(args, dev_ids: list[str]) -> FirstStage:
     return FirstStage({q: stage.queries[q] for q in dev_ids}, {q: stage.candidates[q] for q in dev_ids})
 
 
+class MainProcessTrainer(CrossEncoderTrainer):
+    """``CrossEncoderTrainer`` whose checkpoints only the main process writes. transformers 5.2x checks
+    ``should_save`` inside ``Trainer._save``, which sentence-transformers overrides without that check, so under
+    torchrun every process wrote the same checkpoint folder (one read another's half-written ``config.json``)."""
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if self.args.should_save:
+            super()._save(output_dir, state_dict=state_dict)
+
+
 class TimeBudget(TrainerCallback):
     """Stops training once ``seconds`` of training wall-clock (the dev evaluator's clock) are spent."""
 
@@ -266,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     if evaluator is not None and not resume:
         evaluator(model, steps=0)  # the learning curve starts at the initial weights
     clock = _training_clock(evaluator, output if resume else None)
-    trainer = CrossEncoderTrainer(
+    trainer = MainProcessTrainer(
         model=model, args=training_args, train_dataset=dataset, loss=make_loss(args, model), evaluator=evaluator,
         callbacks=[TimeBudget(args.max_seconds, clock)] if args.max_seconds else None,
     )

@@ -327,6 +327,7 @@ def test_train_st_runs_unchanged_under_torchrun(tmp_path, data):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("Saving model checkpoint to") == 1  # the main process alone writes checkpoints
     record = json.loads((out / "training.json").read_text())
     assert record["world_size"] == 2 and record["steps"] == 2
     assert len(list((tmp_path / "cache" / "teacher").glob("teacher-*.json"))) == 1
