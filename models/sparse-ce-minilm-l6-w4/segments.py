@@ -32,7 +32,6 @@ class SegmentLayout:
         query_rows: ``[queries]`` the input row each unique query is read from.
         positions: ``[tokens]`` flat index ``row * seq + position`` of each packed token in the padded input.
         query_slots: ``[query tokens]`` index of each query token in a ``[queries * max_query_len]`` padded view.
-        doc_slots: ``[doc tokens]`` index of each document token in a ``[batch * max_doc_len]`` padded view.
         max_query_len: Longest query (python int, for padded shapes).
         max_doc_len: Longest document (python int).
     """
@@ -44,7 +43,6 @@ class SegmentLayout:
     query_rows: torch.Tensor
     positions: torch.Tensor
     query_slots: torch.Tensor
-    doc_slots: torch.Tensor
     max_query_len: int
     max_doc_len: int
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -80,18 +78,6 @@ class SegmentLayout:
         """Packed ``[tokens, ...]`` into cls ``[batch, ...]``, query ``[query tokens, ...]``, doc ``[doc tokens, ...]``."""
         b, q = self.batch_size, self.num_query_tokens
         return packed[:b], packed[b : b + q], packed[b + q :]
-
-    def pad_query(self, x: torch.Tensor) -> torch.Tensor:
-        """Query tokens ``[query tokens, ...]`` to ``[queries, max_query_len, ...]`` (zeros in padding)."""
-        return _scatter_padded(x, self.query_slots, self.num_queries, self.max_query_len)
-
-    def unpad_query(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`pad_query`."""
-        return x.flatten(0, 1)[self.query_slots]
-
-    def query_mask(self) -> torch.Tensor:
-        """``[queries, max_query_len]`` True on real query tokens."""
-        return _length_mask(self.query_lengths, self.max_query_len)
 
     def segment_means(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean over each row's query segment and over its document segment ([SEP]s included).
@@ -136,16 +122,6 @@ class SegmentLayout:
             torch.cat([cls[0], flat_q[valid], doc[0]]),
             torch.cat([cls[1], packed_q[valid], doc[1]]),
         )
-
-
-def _length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
-
-
-def _scatter_padded(x: torch.Tensor, slots: torch.Tensor, rows: int, max_len: int) -> torch.Tensor:
-    out = x.new_zeros((rows * max_len, *x.shape[1:]))
-    out[slots] = x
-    return out.unflatten(0, (rows, max_len))
 
 
 def build_segment_layout(
@@ -252,7 +228,6 @@ def build_segment_layout(
     k = torch.arange(max_doc_len, device=device)[None, :]
     d_valid = k < doc_lengths[:, None]
     d_flat = rows[:, None] * seq + prefix[:, None] + k
-    d_slots = rows[:, None] * max_doc_len + k
     positions = torch.cat([rows * seq, q_flat[q_valid], d_flat[d_valid]])
     return SegmentLayout(
         segment_ids=segment_ids,
@@ -262,7 +237,6 @@ def build_segment_layout(
         query_rows=query_rows,
         positions=positions,
         query_slots=q_slots[q_valid],
-        doc_slots=d_slots[d_valid],
         max_query_len=max_query_len,
         max_doc_len=max_doc_len,
     )
