@@ -22,6 +22,8 @@ from types import ModuleType
 
 import torch
 
+from ..runtime import cpu_flags
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "SPARSE_CE_KERNEL_CACHE"
@@ -53,16 +55,7 @@ def cache_root() -> Path:
 
 def cpu_isa() -> str:
     """The machine and the vector extensions the op's run-time dispatch cares about, e.g. ``x86_64-avx2-fma``."""
-    machine = platform.machine()
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    return "-".join([machine, *sorted(flags & {"avx2", "fma", "avx512f", "asimd", "sve"})])
+    return "-".join([platform.machine(), *sorted(cpu_flags() & {"avx2", "fma", "avx512f", "asimd", "sve"})])
 
 
 @functools.lru_cache(maxsize=None)

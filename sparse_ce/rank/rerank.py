@@ -15,15 +15,15 @@ from pathlib import Path
 
 import ir_measures
 import torch
+from configuration_sparse_ce import ATTENTION_BACKENDS
 
 from ..cli import UsageError
 from ..data import FirstStage, read_dl_json, read_qrels, read_run_first_stage, write_run
-from ..runtime import resolve_dtype, set_threads
+from ..runtime import set_threads
 from .scoring import DEFAULT_BATCH_TOKENS, DTYPES, PairScorer
 from .shards import score_first_stage
 
 MEASURES = ("nDCG@10", "RR@10", "R@100")
-BACKENDS = ("auto", "dense", "windowed", "kernel")
 
 
 def _measure(name: str) -> ir_measures.Measure:
@@ -38,8 +38,8 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of how pairs are scored, shared by ``rerank`` and ``evaluate``."""
     parser.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use, at most "
                         "OMP_NUM_THREADS)")
-    parser.add_argument("--backend", choices=BACKENDS, help="attention backend of sparse-ce models (default: the "
-                        "model's own, normally auto: the fused kernel where one loads)")
+    parser.add_argument("--backend", choices=ATTENTION_BACKENDS, help="attention backend of sparse-ce models "
+                        "(default: the model's own, normally auto: the fused kernel where one loads)")
     parser.add_argument("--batch-tokens", type=int,
                         help="padded tokens per forward; a query's candidates stay together where they fit (default: "
                         + ", ".join(f"{n} on {d}" for d, n in DEFAULT_BATCH_TOKENS.items()) + ")")
@@ -92,7 +92,7 @@ def make_scorer(model: str, args: argparse.Namespace, progress: bool = True, max
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return PairScorer(
-            model, device=device, dtype=resolve_dtype(args.dtype, device), batch_tokens=args.batch_tokens,
+            model, device=device, dtype=args.dtype, batch_tokens=args.batch_tokens,
             max_length=args.max_length,
             maxp=maxp, progress=progress, attention_backend=args.backend,
         )

@@ -1,8 +1,9 @@
 """Tokenising and scoring (query, document) pairs with a cross-encoder folder, Hub id or loaded model.
 
 A sparse cross-encoder (Schlatt et al., ECIR 2024) computes a query once for all rows of a forward that share it, so
-:class:`PairScorer` forms each forward from whole queries (all of a query's candidates together, split only when
-one query alone exceeds the token budget), rows sorted by length within the query so that padding stays small.
+:class:`PairScorer` forms each forward from whole queries (a query's candidates in as few forwards as the token
+budget allows; short queries may share one), rows sorted by length within the query so
+that padding stays small.
 Pairs are tokenised once, by the tokenizer's own pair encoding (``[CLS] q [SEP] d [SEP]``, right padding); only
 documents are cut (``truncation="only_second"``), or, with MaxP, split into overlapping windows and scored by their
 best window.
