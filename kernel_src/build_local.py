@@ -13,6 +13,9 @@ loaded in one process. Usage::
 
 The compiled extension is imported into the building process (``cpp_extension.load``); run it in its own process
 when the same process will later load the kernel through ``kernels``.
+
+The nvcc flags of the CUDA variant are ``build.toml``'s ``cuda-flags`` plus the C++ standard of the running torch
+(:func:`cuda_flags`); ``scripts/check_cuda.sh`` compiles with the same list (``--print-cuda-flags``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import hashlib
 import json
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -34,7 +38,8 @@ PYTHON_NAME = "sparse_ce_kernels"
 CPU_SOURCES = [TORCH_EXT / "torch_binding.cpp", HERE / "cpu" / "sparse_attention_cpu.cpp"]
 CPU_HEADERS = [HERE / "cpu" / "sparse_attention_cpu_impl.h"]
 CUDA_SOURCES = [HERE / "cuda" / "sparse_attention.cu"]
-HEADERS = [TORCH_EXT / "torch_binding.h"]
+HEADERS = [TORCH_EXT / "torch_binding.h", TORCH_EXT / "sparse_attention_checks.h"]
+BUILD_TOML = HERE / "build.toml"
 # no -march=native: the build must run on any x86-64 / aarch64 CPU. The ops need no pybind11: dropping
 # torch/extension.h (which cpp_extension forces into <torch/torch.h>) keeps the build short.
 CFLAGS = ["-O3", "-fopenmp", "-std=c++17", "-UTORCH_API_INCLUDE_EXTENSION_H"]
@@ -43,8 +48,31 @@ CFLAGS = ["-O3", "-fopenmp", "-std=c++17", "-UTORCH_API_INCLUDE_EXTENSION_H"]
 def source_files(cuda: bool) -> list[Path]:
     files = CPU_SOURCES + CPU_HEADERS + HEADERS + sorted(PACKAGE.glob("*.py")) + [Path(__file__).resolve()]
     if cuda:
-        files += sorted((HERE / "cuda").glob("*"))
+        files += sorted((HERE / "cuda").glob("*")) + [BUILD_TOML]
     return files
+
+
+def cxx_standard() -> str:
+    """``c++20`` for torch >= 2.10 (its headers need it; torch's cpp_extension uses it), else ``c++17``."""
+    import torch
+
+    major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    return "c++20" if (major, minor) >= (2, 10) else "c++17"
+
+
+def cuda_flags() -> list[str]:
+    """The one nvcc recipe: ``build.toml``'s ``[kernel.sparse_attention_cuda] cuda-flags`` and ``-std=``."""
+    text = BUILD_TOML.read_text()
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the list is one TOML array of plain strings
+        match = re.search(r"^cuda-flags\s*=\s*\[(.*?)\]", text, re.M | re.S)
+        flags = re.findall(r'"([^"]*)"', re.sub(r"#.*", "", match.group(1))) if match else None
+    else:
+        flags = tomllib.loads(text)["kernel"]["sparse_attention_cuda"].get("cuda-flags")
+    if not flags:
+        raise RuntimeError(f"{BUILD_TOML}: no cuda-flags in [kernel.sparse_attention_cuda]")
+    return [*flags, f"-std={cxx_standard()}"]
 
 
 def source_hash(cuda: bool = False) -> str:
@@ -99,7 +127,7 @@ def build(out: Path, cuda: bool = False, verbose: bool = False) -> Path:
     if cuda:
         sources += [str(p) for p in CUDA_SOURCES]
         cflags.append("-DSPARSE_CE_CUDA")
-        kwargs["extra_cuda_cflags"] = ["-O3", "-DSPARSE_CE_CUDA", "-std=c++17", "--use_fast_math"]
+        kwargs["extra_cuda_cflags"] = cuda_flags()
     with tempfile.TemporaryDirectory(prefix="sparse-ce-build-") as tmp:
         module = cpp_extension.load(
             name=ns,
@@ -134,10 +162,16 @@ def build(out: Path, cuda: bool = False, verbose: bool = False) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="kernel repository folder (build/<variant> goes in it)")
+    parser.add_argument("--out", type=Path, help="kernel repository folder (build/<variant> goes in it)")
     parser.add_argument("--cuda", action="store_true", help="build the CUDA variant (needs nvcc and CUDA torch)")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--print-cuda-flags", action="store_true", help="print the nvcc flags, one a line, and exit")
     args = parser.parse_args(argv)
+    if args.print_cuda_flags:
+        print("\n".join(cuda_flags()))
+        return
+    if args.out is None:
+        parser.error("--out is required")
     print(build(args.out, cuda=args.cuda, verbose=args.verbose))
 
 

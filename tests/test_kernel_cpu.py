@@ -56,7 +56,7 @@ def kernel(kernel_repo):
 
 def op_args(layout, pattern):
     """``cu_queries, cu_docs, row_to_query, flags, window`` of the packed layout, through the model's adapter."""
-    window = pattern.window[Segment.DOC][Segment.DOC]
+    window = pattern.window
     return (*layout_offsets(layout), layout.row_to_query, pattern_flags(pattern), -1 if window is None else window)
 
 
@@ -229,25 +229,33 @@ def test_valid_args_run(kernel, valid_args):
     call(kernel, *valid_args)
 
 
-@pytest.mark.parametrize(
-    "mutate, message",
-    [
-        (lambda qkv, a: qkv.__setitem__(1, qkv[1].double()), "float32, float16 or bfloat16"),
-        (lambda qkv, a: qkv.__setitem__(2, qkv[2].half()), "dtype"),
-        (lambda qkv, a: qkv.__setitem__(0, qkv[0].transpose(0, 1).contiguous().transpose(0, 1)), "contiguous"),
-        (lambda qkv, a: qkv.__setitem__(1, qkv[1][:-1]), "shape"),
-        (lambda qkv, a: qkv.__setitem__(0, qkv[0][:, :, None]), "tokens, heads, head_dim"),
-        (lambda qkv, a: a.__setitem__(0, a[0].int()), "int64"),
-        (lambda qkv, a: a.__setitem__(0, a[0] + 1), r"cu_queries\[0\]"),
-        (lambda qkv, a: a.__setitem__(1, a[1].flip(0)), "cu_docs"),
-        (lambda qkv, a: a.__setitem__(2, a[2] + 1), "out of range"),
-        (lambda qkv, a: a.__setitem__(2, a[2][:1]), "row_to_query"),
-        (lambda qkv, a: a.__setitem__(3, 64), "flags"),
-        (lambda qkv, a: a.__setitem__(4, -2), "window"),
-        (lambda qkv, a: a.__setitem__(3, 8), "cannot be shared"),  # query_doc with a shared query
-        (lambda qkv, a: a.__setitem__(3, 4), "cannot be shared"),  # query_cls with a shared query
-    ],
-)
+# (mutation of valid_args, message): one contract, so tests/test_kernel_cuda.py expects the same messages on CUDA
+INVALID_INPUTS = [
+    (lambda qkv, a: qkv.__setitem__(1, qkv[1].double()), "float32, float16 or bfloat16"),
+    (lambda qkv, a: qkv.__setitem__(2, qkv[2].half()), "dtype"),
+    (lambda qkv, a: qkv.__setitem__(0, qkv[0].transpose(0, 1).contiguous().transpose(0, 1)), "contiguous"),
+    (lambda qkv, a: qkv.__setitem__(1, qkv[1][:-1]), "shape"),
+    (lambda qkv, a: qkv.__setitem__(0, qkv[0][:, :, None]), "tokens, heads, head_dim"),
+    (lambda qkv, a: qkv.__setitem__(slice(None), [x.double() for x in qkv]), "float32, float16 or bfloat16"),
+    (lambda qkv, a: qkv.__setitem__(slice(None), [x[..., :0] for x in qkv]), r"head_dim must be in \[1, 256\]"),
+    (lambda qkv, a: qkv.__setitem__(slice(None), [x.repeat(1, 1, 65) for x in qkv]), "head_dim must be in"),
+    (lambda qkv, a: a.__setitem__(0, a[0][:1]), r"U >= 1"),  # no query
+    (lambda qkv, a: a.__setitem__(1, a[1][:1]), r"B >= 1"),  # no document row
+    (lambda qkv, a: a.__setitem__(1, a[1].repeat_interleave(2)[::2]), "contiguous"),
+    (lambda qkv, a: a.__setitem__(1, torch.cat([a[1][:-1], a[1][-1:] - 1])), r"cu_docs\[B\]"),
+    (lambda qkv, a: a.__setitem__(0, a[0].int()), "int64"),
+    (lambda qkv, a: a.__setitem__(0, a[0] + 1), r"cu_queries\[0\]"),
+    (lambda qkv, a: a.__setitem__(1, a[1].flip(0)), "cu_docs"),
+    (lambda qkv, a: a.__setitem__(2, a[2] + 1), "out of range"),
+    (lambda qkv, a: a.__setitem__(2, a[2][:1]), "row_to_query"),
+    (lambda qkv, a: a.__setitem__(3, 64), "flags"),
+    (lambda qkv, a: a.__setitem__(4, -2), "window"),
+    (lambda qkv, a: a.__setitem__(3, 8), "cannot be shared"),  # query_doc with a shared query
+    (lambda qkv, a: a.__setitem__(3, 4), "cannot be shared"),  # query_cls with a shared query
+]
+
+
+@pytest.mark.parametrize("mutate, message", INVALID_INPUTS)
 def test_invalid_inputs_raise(kernel, valid_args, mutate, message):
     qkv, args = valid_args
     qkv, args = list(qkv), list(args)

@@ -36,7 +36,8 @@
 
 namespace {
 
-constexpr int64_t kClsQuery = 1, kClsDoc = 2, kQueryCls = 4, kQueryDoc = 8, kDocCls = 16, kDocQuery = 32;
+using sparse_ce::kClsDoc, sparse_ce::kClsQuery, sparse_ce::kDocCls, sparse_ce::kDocQuery, sparse_ce::kQueryCls,
+    sparse_ce::kQueryDoc;
 
 enum class Seg { Cls, Query, Doc };
 
@@ -122,70 +123,22 @@ struct Layout {
   }
 };
 
-void check_index_tensor(const at::Tensor &t, const char *name) {
-  TORCH_CHECK(t.device().is_cpu(), "sparse_attention (cpu): ", name, " must be on the CPU, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kLong, "sparse_attention: ", name, " must be int64, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1, "sparse_attention: ", name, " must be 1-D, got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "sparse_attention: ", name, " must be contiguous");
-}
-
-void check_qkv(const at::Tensor &x, const at::Tensor &q, const char *name) {
-  TORCH_CHECK(x.device().is_cpu(), "sparse_attention (cpu): ", name, " must be on the CPU, got ", x.device());
-  TORCH_CHECK(x.dim() == 3, "sparse_attention: ", name, " must be [tokens, heads, head_dim], got shape ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "sparse_attention: ", name, " must be float32, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.scalar_type() == q.scalar_type(), "sparse_attention: ", name, " has dtype ", x.scalar_type(),
-              " but q has ", q.scalar_type());
-  TORCH_CHECK(x.sizes() == q.sizes(), "sparse_attention: ", name, " has shape ", x.sizes(), " but q has ", q.sizes());
-  TORCH_CHECK(x.is_contiguous(), "sparse_attention: ", name, " must be contiguous");
-}
-
 Layout make_layout(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &cu_queries,
                    const at::Tensor &cu_docs, const at::Tensor &row_to_query, int64_t flags, int64_t window,
                    bool with_rows) {
-  check_qkv(q, q, "q");
-  check_qkv(k, q, "k");
-  check_qkv(v, q, "v");
-  check_index_tensor(cu_queries, "cu_queries");
-  check_index_tensor(cu_docs, "cu_docs");
-  check_index_tensor(row_to_query, "row_to_query");
-  TORCH_CHECK(flags >= 0 && flags < 64, "sparse_attention: flags must be a 6-bit mask in [0, 63], got ", flags);
-  TORCH_CHECK(window >= -1, "sparse_attention: window must be >= 0, or -1 for unlimited, got ", window);
-  TORCH_CHECK(cu_queries.numel() >= 2, "sparse_attention: cu_queries needs at least 2 entries (U >= 1)");
-  TORCH_CHECK(cu_docs.numel() >= 2, "sparse_attention: cu_docs needs at least 2 entries (B >= 1)");
-
+  using sparse_ce::Backend;
+  const sparse_ce::Sizes s =
+      sparse_ce::check_forward_args(Backend::CPU, q, k, v, cu_queries, cu_docs, row_to_query, flags, window);
   Layout L;
-  L.U = cu_queries.numel() - 1;
-  L.B = cu_docs.numel() - 1;
-  L.T = q.size(0);
+  L.U = s.U;
+  L.B = s.B;
+  L.T = s.T;
   L.flags = flags;
   L.window = window;
   L.cuq = cu_queries.data_ptr<int64_t>();
   L.cud = cu_docs.data_ptr<int64_t>();
   L.r2q = row_to_query.data_ptr<int64_t>();
-  TORCH_CHECK(row_to_query.numel() == L.B, "sparse_attention: row_to_query has ", row_to_query.numel(),
-              " entries but cu_docs describes ", L.B, " documents");
-  TORCH_CHECK(L.cuq[0] == L.B, "sparse_attention: cu_queries[0] must equal the batch size ", L.B, " (one [CLS] per row), got ",
-              L.cuq[0]);
-  for (int64_t u = 0; u < L.U; ++u)
-    TORCH_CHECK(L.cuq[u + 1] >= L.cuq[u], "sparse_attention: cu_queries must be non-decreasing (at ", u, ")");
-  TORCH_CHECK(L.cud[0] == L.cuq[L.U], "sparse_attention: cu_docs[0] (", L.cud[0], ") must equal cu_queries[U] (",
-              L.cuq[L.U], ")");
-  for (int64_t b = 0; b < L.B; ++b)
-    TORCH_CHECK(L.cud[b + 1] >= L.cud[b], "sparse_attention: cu_docs must be non-decreasing (at ", b, ")");
-  TORCH_CHECK(L.cud[L.B] == L.T, "sparse_attention: cu_docs[B] (", L.cud[L.B], ") must equal the token count ", L.T);
-  const bool query_sees_row = flags & (kQueryCls | kQueryDoc);
-  TORCH_CHECK(!query_sees_row || L.U == L.B,
-              "sparse_attention: query_cls / query_doc attention make the query depend on its row, so queries cannot "
-              "be shared (got ", L.U, " queries for ", L.B, " rows)");
-  for (int64_t b = 0; b < L.B; ++b) {
-    const int64_t u = L.r2q[b];
-    TORCH_CHECK(u >= 0 && u < L.U, "sparse_attention: row_to_query[", b, "] = ", u, " is out of range [0, ", L.U, ")");
-    TORCH_CHECK(!query_sees_row || u == b,
-                "sparse_attention: query_cls / query_doc attention need row_to_query[b] == b (no shared queries), got "
-                "row_to_query[",
-                b, "] = ", u);
-  }
+  sparse_ce::check_layout_values({L.cuq, L.cud, L.r2q, L.U, L.B, L.T, flags});
   if (with_rows) {
     L.rows_ptr.assign(L.U + 1, 0);
     for (int64_t b = 0; b < L.B; ++b) L.rows_ptr[L.r2q[b] + 1]++;
@@ -240,6 +193,7 @@ void forward_rows_f32(const Layout &L, const float *q, const float *k, const flo
           s[i] = hsum(acc);
           m = std::max(m, s[i]);
         }
+      m = finite_max(m);
       float sum = 0.f;
       for (int64_t x = 0; x < count; ++x) {  // vectorised by the compiler (softmax_exp is branch-free)
         s[x] = softmax_exp(s[x] - m);
@@ -254,9 +208,9 @@ void forward_rows_f32(const Layout &L, const float *q, const float *k, const flo
           const __m256 p = _mm256_set1_ps(s[i]);
           for (int64_t c = 0; c < C; ++c) ov[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * c), ov[c]);
         }
-      const __m256 inv = _mm256_set1_ps(1.f / sum);
+      const __m256 inv = _mm256_set1_ps(inverse_sum(sum));
       for (int64_t c = 0; c < C; ++c) _mm256_storeu_ps(out + t * HD + h * D + 8 * c, _mm256_mul_ps(ov[c], inv));
-      lse[t * H + h] = m + std::log(sum);
+      lse[t * H + h] = row_lse(m, sum);
     }
   }
 }
@@ -330,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor &q,
   const int64_t H = q.size(1), D = q.size(2);
   auto out = at::empty_like(q);
   auto lse = at::empty({L.T, H}, q.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sparse_attention_fwd_cpu", [&] {
+  SPARSE_CE_DISPATCH(q.scalar_type(), "sparse_attention_fwd_cpu", [&] {
     forward_dispatch<scalar_t>(L, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                            out.data_ptr<scalar_t>(), lse.data_ptr<float>(), H, D, static_cast<float>(scale));
   });
@@ -342,17 +296,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
     const at::Tensor &lse, const at::Tensor &cu_queries, const at::Tensor &cu_docs, const at::Tensor &row_to_query,
     int64_t flags, int64_t window, double scale) {
   const Layout L = make_layout(q, k, v, cu_queries, cu_docs, row_to_query, flags, window, true);
-  check_qkv(grad_out, q, "grad_out");
-  check_qkv(out, q, "out");
   const int64_t H = q.size(1), D = q.size(2);
-  TORCH_CHECK(lse.device().is_cpu(), "sparse_attention (cpu): lse must be on the CPU, got ", lse.device());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "sparse_attention: lse must be float32, got ", lse.scalar_type());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == L.T && lse.size(1) == H, "sparse_attention: lse must be [", L.T, ", ",
-              H, "], got ", lse.sizes());
-  TORCH_CHECK(lse.is_contiguous(), "sparse_attention: lse must be contiguous");
+  sparse_ce::check_backward_args(sparse_ce::Backend::CPU, grad_out, out, lse, q, {L.T, H, D, L.U, L.B});
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   auto delta = at::empty({L.T, H}, q.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sparse_attention_bwd_cpu", [&] {
+  SPARSE_CE_DISPATCH(q.scalar_type(), "sparse_attention_bwd_cpu", [&] {
     backward_dispatch<scalar_t>(L, grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                             v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<float>(),
                             delta.data_ptr<float>(), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),

@@ -35,6 +35,14 @@ inline float softmax_exp(float x) {
   return x < -87.f ? 0.f : p * two_n;
 }
 
+// Guards of rows without a key of finite score: the max to subtract (0 instead of -inf), 1 / sum (0 for an empty
+// sum, so the output is zero), and lse (+inf, so that backward's exp(s - lse) is 0 for every key).
+inline float finite_max(float m) { return m == -std::numeric_limits<float>::infinity() ? 0.f : m; }
+inline float inverse_sum(float sum) { return sum > 0.f ? 1.f / sum : 0.f; }
+inline float row_lse(float m, float sum) {
+  return sum > 0.f ? m + std::log(sum) : std::numeric_limits<float>::infinity();
+}
+
 template <typename scalar_t>
 inline void axpy(float *__restrict y, float a, const scalar_t *__restrict x, int64_t D) {
   for (int64_t d = 0; d < D; ++d) y[d] += a * static_cast<float>(x[d]);
@@ -71,6 +79,8 @@ void forward_impl(const Layout &L, const scalar_t *q, const scalar_t *k, const s
             scores[c * H + h] = s;
             m[h] = std::max(m[h], s);
           }
+      // No finite score (all -inf): subtract 0 instead of -inf, so every p is exp(-inf) = 0, not exp(NaN).
+      for (int64_t h = 0; h < H; ++h) m[h] = finite_max(m[h]);
       std::fill(sum.begin(), sum.end(), 0.f);
       for (int64_t i = 0; i < count; ++i) {
         float *__restrict row = scores.data() + i * H;
@@ -83,9 +93,9 @@ void forward_impl(const Layout &L, const scalar_t *q, const scalar_t *k, const s
         for (int64_t j = ranges[r].begin; j < ranges[r].end; ++j, ++c)
           for (int64_t h = 0; h < H; ++h) axpy(acc.data() + h * D, scores[c * H + h], v + j * HD + h * D, D);
       for (int64_t h = 0; h < H; ++h) {
-        const float inv = 1.f / sum[h];
+        const float inv = inverse_sum(sum[h]);
         for (int64_t d = 0; d < D; ++d) out[t * HD + h * D + d] = static_cast<scalar_t>(acc[h * D + d] * inv);
-        lse[t * H + h] = m[h] + std::log(sum[h]);
+        lse[t * H + h] = row_lse(m[h], sum[h]);
       }
     }
   });
@@ -111,6 +121,7 @@ void backward_impl(const Layout &L, const scalar_t *dout, const scalar_t *q, con
           for (int64_t h = 0; h < H; ++h) {
             const int64_t key = j * HD + h * D;
             const float p = softmax_exp(dot(qf.data() + h * D, k + key, D) * scale - lse[t * H + h]);
+            if (p == 0.f) continue;  // adds nothing (and no 0 * inf from a -inf key)
             const float dp = dot(gf.data() + h * D, v + key, D);
             axpy(acc.data() + h * D, p * (dp - delta[t * H + h]), k + key, D);
           }
@@ -132,6 +143,7 @@ void backward_impl(const Layout &L, const scalar_t *dout, const scalar_t *q, con
           for (int64_t h = 0; h < H; ++h) {
             const int64_t row = i * HD + h * D;
             const float p = softmax_exp(dot(kf.data() + h * D, q + row, D) * scale - lse[i * H + h]);
+            if (p == 0.f) continue;
             const float dp = dot(vf.data() + h * D, dout + row, D);
             axpy(dvacc.data() + h * D, p, dout + row, D);
             axpy(dkacc.data() + h * D, p * (dp - delta[i * H + h]), q + row, D);

@@ -4,8 +4,9 @@
 // One warp per (packed token, head). The head dimension is spread over the 32 lanes (element e = i * 32 + lane,
 // i < ELEMS, so a warp reads a row of K or V as ELEMS coalesced 32-element chunks). Every row's keys are at most
 // three contiguous ranges of packed tokens (see row_key_ranges), so the forward pass is one online softmax over
-// those ranges with float accumulators (double for double inputs), and the backward pass recomputes the
-// probabilities from the saved log-sum-exp.
+// those ranges with float accumulators, and the backward pass recomputes the
+// probabilities from the saved log-sum-exp. Argument checks: ../torch-ext/sparse_attention_checks.h (shared with the
+// CPU op); index tensors that live on the GPU are validated by validate_layout_kernel (no host sync).
 
 #include <cmath>
 #include <cstdint>
@@ -16,7 +17,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
@@ -25,7 +25,10 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <cuda_runtime.h>
 
-#include "../torch-ext/torch_binding.h"  // the contract: the two entry points defined below
+#ifndef SPARSE_CE_CUDA
+#define SPARSE_CE_CUDA 1  // declares the CUDA entry points in torch_binding.h
+#endif
+#include "../torch-ext/torch_binding.h"  // the contract (and its checks): the two entry points defined below
 
 // Deliberately no c10/cuda or ATen/cuda headers: the CPU torch wheel ships them without the generated
 // c10/cuda/impl/cuda_cmake_macros.h (and ATen/cuda/CUDAContext.h needs cuBLAS headers), which would make the
@@ -35,7 +38,7 @@
 #define SPARSE_CE_CUDA_CHECK_LAUNCH()                                                                              \
   do {                                                                                                             \
     const cudaError_t sparse_ce_err = cudaGetLastError();                                                          \
-    TORCH_CHECK(sparse_ce_err == cudaSuccess, "sparse_attention (CUDA): kernel launch failed: ",                   \
+    TORCH_CHECK(sparse_ce_err == cudaSuccess, "sparse_attention (cuda): kernel launch failed: ",                   \
                 cudaGetErrorString(sparse_ce_err));                                                                \
   } while (0)
 
@@ -44,15 +47,9 @@ namespace sparse_ce_cuda {
 constexpr int kWarpSize = 32;
 constexpr int kWarpsPerBlock = 4;
 constexpr int kThreadsPerBlock = kWarpSize * kWarpsPerBlock;
-constexpr int kMaxHeadDim = 256;
-
-// Direction bits, as DIRECTION_FLAGS in the Python package.
-constexpr int64_t kClsQuery = 1;
-constexpr int64_t kClsDoc = 2;
-constexpr int64_t kQueryCls = 4;
-constexpr int64_t kQueryDoc = 8;
-constexpr int64_t kDocCls = 16;
-constexpr int64_t kDocQuery = 32;
+constexpr int kValidateThreads = 256;
+using sparse_ce::kClsDoc, sparse_ce::kClsQuery, sparse_ce::kDocCls, sparse_ce::kDocQuery, sparse_ce::kQueryCls,
+    sparse_ce::kQueryDoc;
 
 struct Layout {
   const int64_t *cu_queries;   // [U + 1]
@@ -73,10 +70,11 @@ struct Range {
   int64_t end;
 };
 
-// Largest i in [0, n] with cu[i] <= t (cu is non-decreasing); the segment that owns token t even when empty
-// segments share its start offset.
+// Largest i in [0, n - 1] with cu[i] <= t (cu is non-decreasing, n >= 1); the segment that owns token t even when
+// empty segments share its start offset. Never n itself, so cu[i + 1] is in bounds whatever the values (0 when
+// t < cu[0], n - 1 when t >= cu[n]: an inconsistent input gets in-bounds ranges, which are clamped to [0, T)).
 __device__ __forceinline__ int64_t owner(const int64_t *__restrict__ cu, int64_t n, int64_t t) {
-  int64_t lo = 0, hi = n; // invariant: cu[lo] <= t (callers guarantee t >= cu[0])
+  int64_t lo = 0, hi = n - 1;
   while (lo < hi) {
     const int64_t mid = (lo + hi + 1) >> 1;
     if (__ldg(cu + mid) <= t) {
@@ -88,7 +86,7 @@ __device__ __forceinline__ int64_t owner(const int64_t *__restrict__ cu, int64_t
   return lo;
 }
 
-// Tokens of query u; empty for an out-of-range u (row_to_query is only validated on the host when it lives there).
+// Tokens of query u; empty for an out-of-range u (never read out of bounds, even before validation fails).
 __device__ __forceinline__ Range query_range(const int64_t *__restrict__ cu_queries, int64_t num_queries, int64_t u) {
   if (u < 0 || u >= num_queries) {
     return Range{0, 0};
@@ -97,8 +95,8 @@ __device__ __forceinline__ Range query_range(const int64_t *__restrict__ cu_quer
 }
 
 __device__ __forceinline__ Range clamp_range(int64_t begin, int64_t end, int64_t num_tokens) {
-  // The index tensors are trusted to match T (checked on the host only when they live on the CPU); clamping
-  // keeps an inconsistent input from reading or writing out of bounds.
+  // Validation runs before the kernels (host or validate_layout_kernel); clamping is the second line of defence:
+  // whatever the index values, no key range reads or writes outside [0, T).
   begin = begin < 0 ? 0 : begin;
   end = end > num_tokens ? num_tokens : end;
   return Range{begin, end > begin ? end : begin};
@@ -119,9 +117,10 @@ __device__ __forceinline__ void row_key_ranges(const Layout &L, int64_t t, Range
   } else if (t < doc_begin) {
     // Token of query u: the query; [CLS] u and document u only without sharing (U == B, checked on the host).
     const int64_t u = owner(L.cu_queries, L.num_queries, t);
+    const bool own_row = u < L.num_rows;
     r[0] = Range{__ldg(L.cu_queries + u), __ldg(L.cu_queries + u + 1)};
-    r[1] = (L.flags & kQueryCls) ? Range{u, u + 1} : empty;
-    r[2] = (L.flags & kQueryDoc) ? Range{__ldg(L.cu_docs + u), __ldg(L.cu_docs + u + 1)} : empty;
+    r[1] = (L.flags & kQueryCls) && own_row ? Range{u, u + 1} : empty;
+    r[2] = (L.flags & kQueryDoc) && own_row ? Range{__ldg(L.cu_docs + u), __ldg(L.cu_docs + u + 1)} : empty;
   } else {
     // Token of document b: [CLS] b, the (possibly shared) query, the band |p - j| <= w inside the document.
     const int64_t b = owner(L.cu_docs, L.num_rows, t);
@@ -149,10 +148,9 @@ __device__ __forceinline__ acc_t warp_sum(acc_t x) {
   return x;
 }
 
+// Exact expf / logf (no --use_fast_math, see NOTES.md).
 __device__ __forceinline__ float acc_exp(float x) { return expf(x); }
-__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
 __device__ __forceinline__ float acc_log(float x) { return logf(x); }
-__device__ __forceinline__ double acc_log(double x) { return log(x); }
 
 // Loads this lane's ELEMS elements of a D-vector (zeros past D).
 template <int ELEMS, typename scalar_t, typename acc_t>
@@ -217,8 +215,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       load_row<ELEMS>(v + off, D, lane, vj);
       const acc_t s = warp_sum(lane_dot<ELEMS>(qi, kj));
       const acc_t m_new = s > m ? s : m;
-      const acc_t correction = acc_exp(m - m_new); // exp(-inf) = 0 on the first key
-      const acc_t p = acc_exp(s - m_new);
+      // While every score so far is -inf, subtract 0: p = exp(-inf) = 0 instead of exp(-inf - (-inf)) = NaN.
+      const acc_t m_ref = m_new == static_cast<acc_t>(-INFINITY) ? acc_t(0) : m_new;
+      const acc_t correction = acc_exp(m - m_ref); // exp(-inf) = 0 on the first key
+      const acc_t p = acc_exp(s - m_ref);
       l = l * correction + p;
 #pragma unroll
       for (int i = 0; i < ELEMS; ++i) {
@@ -228,8 +228,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     }
   }
 
-  // Every row attends at least to itself (self-attention inside a segment is always on), so l >= 1 unless the
-  // index tensors are inconsistent; guard anyway so such an input yields zeros rather than NaN.
+  // No key of finite score (or, on inconsistent input, no key): zero output and lse = +inf, as on the CPU.
   const acc_t inv_l = l > acc_t(0) ? acc_t(1) / l : acc_t(0);
   scalar_t *o = out + warp * D;
 #pragma unroll
@@ -288,8 +287,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       load_row<ELEMS>(k + off, D, lane, kj);
       load_row<ELEMS>(v + off, D, lane, vj);
       const acc_t s = warp_sum(lane_dot<ELEMS>(qs, kj));
-      const acc_t dp = warp_sum(lane_dot<ELEMS>(doi, vj));
       const acc_t p = acc_exp(s - lse_i);
+      if (p == acc_t(0)) {
+        continue; // adds nothing (and no 0 * inf from a -inf key); s, hence p, is the same in every lane
+      }
+      const acc_t dp = warp_sum(lane_dot<ELEMS>(doi, vj));
       const acc_t ds = p * (dp - delta) * scale; // gradient w.r.t. the unscaled score q.k
 #pragma unroll
       for (int i = 0; i < ELEMS; ++i) {
@@ -313,102 +315,70 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
+// Validates device-resident index tensors with the CPU op's checks (sparse_ce::check_layout_element): one block,
+// threads striding over the elements. On an error it prints the CPU op's message and asserts, which fails the
+// launch ("device-side assert triggered" at the next sync) before the attention kernels run (same stream). No
+// device-to-host copy, so no sync per call and CUDA-graph capture works; an assert leaves the CUDA context unusable,
+// as PyTorch's own device-side index checks do.
+__global__ void __launch_bounds__(kValidateThreads) validate_layout_kernel(const sparse_ce::LayoutView L) {
+  const int64_t n = L.U > L.B ? L.U : L.B;
+  for (int64_t i = threadIdx.x; i < n; i += kValidateThreads) {
+    const sparse_ce::LayoutError e = sparse_ce::check_layout_element(L, i);
+    if (e.code != sparse_ce::kLayoutOk) {
+      printf(sparse_ce::layout_error_format(e.code), static_cast<long long>(e.index), static_cast<long long>(e.got),
+             static_cast<long long>(e.expected));
+      CUDA_KERNEL_ASSERT_MSG(false, "sparse_attention: inconsistent index tensors (see the message above)");
+    }
+  }
+}
+
 // ----------------------------------------------------------------------------------------------------------------
 // Host side
 
-void check_qkv(const at::Tensor &x, const char *name, const at::Tensor &q) {
-  TORCH_CHECK(x.is_cuda(), "sparse_attention (CUDA): ", name, " must be a CUDA tensor");
-  TORCH_CHECK(x.device() == q.device(), "sparse_attention (CUDA): ", name, " must be on the same device as q");
-  TORCH_CHECK(x.scalar_type() == q.scalar_type(), "sparse_attention (CUDA): ", name, " has dtype ",
-              x.scalar_type(), ", q has ", q.scalar_type());
-  TORCH_CHECK(x.sizes() == q.sizes(), "sparse_attention (CUDA): ", name, " has shape ", x.sizes(), ", q has ",
-              q.sizes());
-  TORCH_CHECK(x.is_contiguous(), "sparse_attention (CUDA): ", name, " must be contiguous");
-}
-
-// Index tensors may live on the CPU (moved here, and checked against T) or on q's device (not read back: no sync).
-at::Tensor index_tensor(const at::Tensor &x, const char *name, int64_t expected_numel, const at::Tensor &q) {
-  TORCH_CHECK(x.scalar_type() == at::kLong, "sparse_attention (CUDA): ", name, " must be int64, got ",
-              x.scalar_type());
-  TORCH_CHECK(x.dim() == 1, "sparse_attention (CUDA): ", name, " must be 1-D");
-  TORCH_CHECK(expected_numel < 0 || x.numel() == expected_numel, "sparse_attention (CUDA): ", name, " has ",
-              x.numel(), " elements, expected ", expected_numel);
-  TORCH_CHECK(x.is_cpu() || x.device() == q.device(), "sparse_attention (CUDA): ", name,
-              " must be on the CPU or on q's device");
-  return x.to(q.device(), /*non_blocking=*/true).contiguous();
+// The current CUDA stream of q's device (what at::cuda::getCurrentCUDAStream() returns).
+cudaStream_t current_stream(const at::Device &device) {
+  const c10::Stream stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
+  return static_cast<cudaStream_t>(stream.native_handle());
 }
 
 struct Prepared {
   Layout layout;
-  at::Tensor cu_queries, cu_docs, row_to_query; // keep the device copies alive
+  sparse_ce::Sizes sizes;
+  at::Tensor cu_queries, cu_docs, row_to_query; // on q's device; keep the copies alive
 };
 
+// The shared checks (sparse_attention_checks.h), then the index tensors on q's device. Their values are checked on
+// the host when all three live there (before the copy), otherwise by validate_layout_kernel on q's stream.
 Prepared prepare(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &cu_queries,
                  const at::Tensor &cu_docs, const at::Tensor &row_to_query, int64_t flags, int64_t window) {
-  TORCH_CHECK(q.is_cuda(), "sparse_attention (CUDA): q must be a CUDA tensor");
-  TORCH_CHECK(q.dim() == 3, "sparse_attention (CUDA): q must be [T, H, D], got ", q.sizes());
-  TORCH_CHECK(q.is_contiguous(), "sparse_attention (CUDA): q must be contiguous");
-  const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
-              "sparse_attention (CUDA): dtype must be float32, float16 or bfloat16 (or float64), got ", dtype);
-  check_qkv(k, "k", q);
-  check_qkv(v, "v", q);
-  TORCH_CHECK(q.size(2) >= 1 && q.size(2) <= kMaxHeadDim, "sparse_attention (CUDA): head dim must be in [1, ",
-              kMaxHeadDim, "], got ", q.size(2));
-  TORCH_CHECK(flags >= 0 && flags < 64, "sparse_attention (CUDA): flags must be a 6-bit mask, got ", flags);
-  TORCH_CHECK(window >= -1, "sparse_attention (CUDA): window must be >= 0 or -1 (unlimited), got ", window);
-  TORCH_CHECK(cu_queries.dim() == 1 && cu_queries.numel() >= 1,
-              "sparse_attention (CUDA): cu_queries must be 1-D with U + 1 >= 1 elements");
-  TORCH_CHECK(cu_docs.dim() == 1 && cu_docs.numel() >= 1,
-              "sparse_attention (CUDA): cu_docs must be 1-D with B + 1 >= 1 elements");
-  const int64_t U = cu_queries.numel() - 1;
-  const int64_t B = cu_docs.numel() - 1;
-  const int64_t T = q.size(0);
-
   Prepared p;
-  p.cu_queries = index_tensor(cu_queries, "cu_queries", U + 1, q);
-  p.cu_docs = index_tensor(cu_docs, "cu_docs", B + 1, q);
-  p.row_to_query = index_tensor(row_to_query, "row_to_query", B, q);
-
-  if (cu_docs.is_cpu() && cu_queries.is_cpu() && row_to_query.is_cpu()) {
-    // Consistency checks, only when the index tensors are already on the host (no device sync).
-    const at::Tensor cq_t = cu_queries.contiguous(), cd_t = cu_docs.contiguous(), rq_t = row_to_query.contiguous();
-    const int64_t *cq = cq_t.data_ptr<int64_t>();
-    const int64_t *cd = cd_t.data_ptr<int64_t>();
-    const int64_t *rq = rq_t.data_ptr<int64_t>();
-    TORCH_CHECK(cq[0] == B, "sparse_attention (CUDA): cu_queries[0] must be B = ", B, ", got ", cq[0]);
-    TORCH_CHECK(cd[0] == cq[U], "sparse_attention (CUDA): cu_docs[0] must equal cu_queries[U]");
-    TORCH_CHECK(cd[B] == T, "sparse_attention (CUDA): cu_docs[B] = ", cd[B], " but q has T = ", T, " tokens");
-    for (int64_t i = 0; i < U; ++i) {
-      TORCH_CHECK(cq[i] <= cq[i + 1], "sparse_attention (CUDA): cu_queries must be non-decreasing");
-    }
-    for (int64_t i = 0; i < B; ++i) {
-      TORCH_CHECK(cd[i] <= cd[i + 1], "sparse_attention (CUDA): cu_docs must be non-decreasing");
-      TORCH_CHECK(rq[i] >= 0 && rq[i] < U, "sparse_attention (CUDA): row_to_query[", i, "] = ", rq[i],
-                  " is not a query index in [0, ", U, ")");
-    }
+  const sparse_ce::Sizes s = sparse_ce::check_forward_args(sparse_ce::Backend::CUDA, q, k, v, cu_queries, cu_docs,
+                                                           row_to_query, flags, window);
+  p.sizes = s;
+  const bool on_host = cu_queries.is_cpu() && cu_docs.is_cpu() && row_to_query.is_cpu();
+  if (on_host) {
+    sparse_ce::check_layout_values({cu_queries.data_ptr<int64_t>(), cu_docs.data_ptr<int64_t>(),
+                                    row_to_query.data_ptr<int64_t>(), s.U, s.B, s.T, flags});
   }
-
-  if (flags & (kQueryCls | kQueryDoc)) {
-    TORCH_CHECK(U == B, "sparse_attention (CUDA): query_cls / query_doc attention needs one query per row ",
-                "(no shared queries), got U = ", U, " queries for B = ", B, " rows");
-    // row_to_query must be the identity; this reads it back (a sync), only in this unshared mode.
-    TORCH_CHECK(B == 0 || p.row_to_query.equal(at::arange(B, p.row_to_query.options())),
-                "sparse_attention (CUDA): query_cls / query_doc attention needs row_to_query[b] == b ",
-                "(no shared queries)");
-  }
-
+  p.cu_queries = cu_queries.to(q.device(), /*non_blocking=*/true);
+  p.cu_docs = cu_docs.to(q.device(), /*non_blocking=*/true);
+  p.row_to_query = row_to_query.to(q.device(), /*non_blocking=*/true);
   Layout &L = p.layout;
   L.cu_queries = p.cu_queries.data_ptr<int64_t>();
   L.cu_docs = p.cu_docs.data_ptr<int64_t>();
   L.row_to_query = p.row_to_query.data_ptr<int64_t>();
-  L.num_rows = B;
-  L.num_queries = U;
-  L.num_tokens = T;
-  L.num_heads = q.size(1);
-  L.head_dim = q.size(2);
+  L.num_rows = s.B;
+  L.num_queries = s.U;
+  L.num_tokens = s.T;
+  L.num_heads = s.H;
+  L.head_dim = s.D;
   L.flags = flags;
-  L.window = window > T ? T : window; // same key set; keeps t + window + 1 from overflowing
+  L.window = window > s.T ? s.T : window; // same key set; keeps t + window + 1 from overflowing
+  if (!on_host) {
+    const sparse_ce::LayoutView view{L.cu_queries, L.cu_docs, L.row_to_query, s.U, s.B, s.T, flags};
+    validate_layout_kernel<<<1, kValidateThreads, 0, current_stream(q.device())>>>(view);
+    SPARSE_CE_CUDA_CHECK_LAUNCH();
+  }
   return p;
 }
 
@@ -416,7 +386,7 @@ unsigned int num_blocks(const Layout &L) {
   const int64_t warps = L.num_tokens * L.num_heads;
   const int64_t blocks = (warps + kWarpsPerBlock - 1) / kWarpsPerBlock;
   TORCH_CHECK(blocks <= static_cast<int64_t>(std::numeric_limits<int>::max()),
-              "sparse_attention (CUDA): too many (token, head) rows: ", warps);
+              "sparse_attention (cuda): too many (token, head) rows: ", warps);
   return static_cast<unsigned int>(blocks);
 }
 
@@ -432,12 +402,6 @@ void dispatch_elems(int64_t head_dim, F &&f) {
   } else {
     f(std::integral_constant<int, 8>{});
   }
-}
-
-// The current CUDA stream of q's device (what at::cuda::getCurrentCUDAStream() returns).
-cudaStream_t current_stream(const at::Device &device) {
-  const c10::Stream stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
-  return static_cast<cudaStream_t>(stream.native_handle());
 }
 
 } // namespace sparse_ce_cuda
@@ -458,7 +422,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(
   const unsigned int blocks = num_blocks(L);
   cudaStream_t stream = current_stream(q.device());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sparse_attention_fwd_cuda", [&] {
+  SPARSE_CE_DISPATCH(q.scalar_type(), "sparse_attention_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_elems(L.head_dim, [&](auto elems) {
       constexpr int ELEMS = decltype(elems)::value;
@@ -480,40 +444,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cuda(
   const Prepared p = prepare(q, k, v, cu_queries, cu_docs, row_to_query, flags, window);
   const Layout &L = p.layout;
 
-  TORCH_CHECK(grad_out.is_cuda() && grad_out.device() == q.device(),
-              "sparse_attention (CUDA): grad_out must be on q's device");
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && grad_out.sizes() == q.sizes(),
-              "sparse_attention (CUDA): grad_out must match q in dtype and shape");
-  check_qkv(out, "out", q);
-  TORCH_CHECK(lse.is_cuda() && lse.device() == q.device(), "sparse_attention (CUDA): lse must be on q's device");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "sparse_attention (CUDA): lse must be float32");
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == L.num_tokens && lse.size(1) == L.num_heads,
-              "sparse_attention (CUDA): lse must be [T, H], got ", lse.sizes());
-  TORCH_CHECK(lse.is_contiguous(), "sparse_attention (CUDA): lse must be contiguous");
-  // Autograd may hand over a non-contiguous gradient (e.g. from an expand); copy only then.
-  const at::Tensor go = grad_out.contiguous();
+  sparse_ce::check_backward_args(sparse_ce::Backend::CUDA, grad_out, out, lse, q, p.sizes);
 
   at::Tensor dq = at::empty_like(q);
-  const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor dk_acc = at::zeros(q.sizes(), q.options().dtype(acc_dtype));
-  at::Tensor dv_acc = at::zeros(q.sizes(), q.options().dtype(acc_dtype));
+  at::Tensor dk_acc = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+  at::Tensor dv_acc = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
   if (L.num_tokens == 0 || L.num_heads == 0) {
     return {dq, dk_acc.to(q.scalar_type()), dv_acc.to(q.scalar_type())};
   }
   const unsigned int blocks = num_blocks(L);
   cudaStream_t stream = current_stream(q.device());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sparse_attention_bwd_cuda", [&] {
+  SPARSE_CE_DISPATCH(q.scalar_type(), "sparse_attention_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_elems(L.head_dim, [&](auto elems) {
       constexpr int ELEMS = decltype(elems)::value;
       sparse_attention_bwd_kernel<ELEMS, scalar_t, acc_t><<<blocks, kThreadsPerBlock, 0, stream>>>(
-          go.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+          grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
           out.data_ptr<scalar_t>(), lse.data_ptr<float>(), dq.data_ptr<scalar_t>(), dk_acc.data_ptr<acc_t>(),
           dv_acc.data_ptr<acc_t>(), L, static_cast<acc_t>(scale));
       SPARSE_CE_CUDA_CHECK_LAUNCH();
     });
   });
-  // For float32 / float64 inputs .to() returns the accumulator itself (no copy).
+  // For float32 inputs .to() returns the accumulator itself (no copy).
   return {dq, dk_acc.to(q.scalar_type()), dv_acc.to(q.scalar_type())};
 }

@@ -5,8 +5,9 @@
 #   bash kernel_src/scripts/check_cuda.sh            # python from PATH
 #   PYTHON=/path/to/python NVCC=/path/to/nvcc bash kernel_src/scripts/check_cuda.sh
 #   ARCHS="80 90" (default), EXTRA_NVCC_FLAGS="..." optional.
-#   CXX_STD: the C++ standard; default c++20 for torch >= 2.10 (its headers use C++20 features and its own
-#   cpp_extension builds with -std=c++20), c++17 for older torch.
+# The flags are the build's recipe (build.toml's cuda-flags and the C++ standard of this torch, printed by
+# build_local.py --print-cuda-flags) plus what a torch extension build adds itself (-fPIC, the C++ ABI define),
+# with warnings as errors.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -22,8 +23,10 @@ fi
 
 mapfile -t torch_includes < <("$PYTHON" -c 'import torch.utils.cpp_extension as c; print("\n".join(c.include_paths()))')
 abi="$("$PYTHON" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')"
-if [[ -z "${CXX_STD:-}" ]]; then
-  CXX_STD="$("$PYTHON" -c 'import torch; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); print("c++20" if v >= (2, 10) else "c++17")')"
+mapfile -t recipe < <("$PYTHON" "$here/../build_local.py" --print-cuda-flags)
+if [[ ${#recipe[@]} -eq 0 ]]; then
+  echo "check_cuda.sh: build_local.py --print-cuda-flags printed nothing" >&2
+  exit 2
 fi
 include_flags=()
 for dir in "${torch_includes[@]}"; do
@@ -43,14 +46,14 @@ if [[ ${#sources[@]} -eq 0 ]]; then
   exit 2
 fi
 echo "nvcc: $("$NVCC" --version | tail -n 1)"
-echo "torch: $("$PYTHON" -c 'import torch; print(torch.__version__)') (cxx11 abi $abi, -std=$CXX_STD)"
+echo "torch: $("$PYTHON" -c 'import torch; print(torch.__version__)') (cxx11 abi $abi)"
+echo "recipe: ${recipe[*]}"
 for src in "${sources[@]}"; do
   for arch in $ARCHS; do
     log="$tmp/$(basename "$src").sm_$arch.log"
     start=$(date +%s.%N)
     set +e
-    "$NVCC" "-std=$CXX_STD" -O3 -DSPARSE_CE_CUDA "-D_GLIBCXX_USE_CXX11_ABI=$abi" \
-      --expt-relaxed-constexpr -Xcompiler -fPIC -Werror all-warnings \
+    "$NVCC" "${recipe[@]}" "-D_GLIBCXX_USE_CXX11_ABI=$abi" -Xcompiler -fPIC -Werror all-warnings \
       -gencode "arch=compute_$arch,code=sm_$arch" \
       "${include_flags[@]}" ${EXTRA_NVCC_FLAGS:-} \
       -c "$src" -o "$tmp/$(basename "$src").sm_$arch.o" >"$log" 2>&1

@@ -3,9 +3,9 @@
 // Packed token order: [CLS] of every row (B) | tokens of each unique query (U queries, its [SEP] included) |
 // tokens of each document (B documents, the final [SEP] included).
 //
-//   q, k, v       [T, H, D], contiguous, one dtype (float32, float16 or bfloat16); T = cu_docs[B]
-//   cu_queries    int64 [U + 1]: cu_queries[0] = B, query u owns packed tokens [cu_queries[u], cu_queries[u+1])
-//   cu_docs       int64 [B + 1]: cu_docs[0] = cu_queries[U], document b owns [cu_docs[b], cu_docs[b+1])
+//   q, k, v       [T, H, D], contiguous, one dtype (float32, float16 or bfloat16), 1 <= D <= 256; T = cu_docs[B]
+//   cu_queries    int64 [U + 1], U >= 1: cu_queries[0] = B, query u owns packed tokens [cu_queries[u], cu_queries[u+1])
+//   cu_docs       int64 [B + 1], B >= 1: cu_docs[0] = cu_queries[U], document b owns [cu_docs[b], cu_docs[b+1])
 //   row_to_query  int64 [B]: the query of row b (rows may share a query)
 //   flags         bitmask of the six directions, bit i = DIRECTION_FLAGS[i]:
 //                 1 cls_query, 2 cls_doc, 4 query_cls, 8 query_doc, 16 doc_cls, 32 doc_query
@@ -20,13 +20,21 @@
 // One softmax over the union of a row's keys.
 //
 // Forward returns out [T, H, D] (input dtype) and lse [T, H] (float32, natural log of the softmax denominator
-// of the scaled scores, saved for backward). Backward recomputes probabilities from lse and returns dq, dk, dv
-// (input dtype; accumulation in float32). Gradients of shared query keys/values are summed over all their rows.
+// of the scaled scores, saved for backward). A row none of whose keys has a finite score gets a zero output and
+// lse = +inf, and adds nothing to any gradient: no NaN. Backward recomputes probabilities from lse and returns dq,
+// dk, dv (input dtype; accumulation in float32). Gradients of shared query keys/values are summed over all rows.
+//
+// Both backends reject, with the same messages (sparse_attention_checks.h): other dtypes (float64 included),
+// shapes or strides, head_dim outside [1, 256], U = 0 or B = 0, inconsistent index tensors (checked on the host,
+// or by the CUDA op in a small device kernel when they live on the GPU), a shared query with query_cls /
+// query_doc attention. Index tensors live on the CPU (CPU op), or on the CPU or q's device (CUDA op).
 #pragma once
 
 #include <tuple>
 
 #include <ATen/core/Tensor.h>  // not <torch/torch.h>: nvcc compiles this header too
+
+#include "sparse_attention_checks.h"
 
 std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(
     const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &cu_queries,
