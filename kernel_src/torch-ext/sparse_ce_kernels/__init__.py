@@ -2,6 +2,10 @@
 
 Packed token order: ``[CLS]`` of every row | tokens of each unique query | tokens of each document. See
 ``torch-ext/torch_binding.h`` for the op contract. :func:`sparse_attention` is differentiable in ``q``, ``k``, ``v``.
+
+Importing this package registers, through ``torch.library``, fake (meta) implementations of both ops and the
+forward op's backward formula, so that ``torch.compile`` (``fullgraph=True`` included) and CUDA-graph capture can
+trace a model that calls the op; the gradients come from the same backward op as in eager mode.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ __all__ = ["sparse_attention", "sparse_attention_fwd", "sparse_attention_bwd", "
 
 
 def sparse_attention_fwd(q, k, v, cu_queries, cu_docs, row_to_query, flags: int, window: int, scale: float):
-    """Raw forward op: ``(out [T, H, D], lse [T, H] float32)``."""
+    """Raw forward op: ``(out [T, H, D], lse [T, H] float32)``; differentiable in ``q``, ``k``, ``v`` (not lse)."""
     return ops.sparse_attention_fwd(q, k, v, cu_queries, cu_docs, row_to_query, int(flags), int(window), float(scale))
 
 
@@ -25,21 +29,47 @@ def sparse_attention_bwd(grad_out, q, k, v, out, lse, cu_queries, cu_docs, row_t
     )
 
 
-class _SparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_queries, cu_docs, row_to_query, flags, window, scale):
-        out, lse = sparse_attention_fwd(q, k, v, cu_queries, cu_docs, row_to_query, flags, window, scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_queries, cu_docs, row_to_query)
-        ctx.args = (flags, window, scale)
-        return out
+# --- torch.library registrations ---------------------------------------------------------------------------------------
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, cu_queries, cu_docs, row_to_query = ctx.saved_tensors
-        dq, dk, dv = sparse_attention_bwd(
-            grad_out.contiguous(), q, k, v, out, lse, cu_queries, cu_docs, row_to_query, *ctx.args
-        )
-        return dq, dk, dv, None, None, None, None, None, None
+
+def _fwd_fake(q, k, v, cu_queries, cu_docs, row_to_query, flags, window, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+def _bwd_fake(grad_out, q, k, v, out, lse, cu_queries, cu_docs, row_to_query, flags, window, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_queries, cu_docs, row_to_query, flags, window, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_queries, cu_docs, row_to_query)
+    ctx.args = (flags, window, scale)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_queries, cu_docs, row_to_query = ctx.saved_tensors
+    dq, dk, dv = ops.sparse_attention_bwd(
+        grad_out.contiguous(), q, k, v, out, lse, cu_queries, cu_docs, row_to_query, *ctx.args
+    )
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+def _register() -> None:
+    """Once per op namespace: one build may be imported under two module names (``kernels`` and
+    ``sparse_ce.native``), while its library and registrations are process-wide."""
+    fwd, bwd = add_op_namespace_prefix("sparse_attention_fwd"), add_op_namespace_prefix("sparse_attention_bwd")
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    if not has(fwd, "Meta"):
+        torch.library.register_fake(fwd)(_fwd_fake)
+    if not has(bwd, "Meta"):
+        torch.library.register_fake(bwd)(_bwd_fake)
+    if not has(fwd, "Autograd"):
+        torch.library.register_autograd(fwd, _backward, setup_context=_setup_context)
+
+
+_register()
 
 
 def sparse_attention(
@@ -56,7 +86,7 @@ def sparse_attention(
     """Attention output ``[T, H, D]`` of the packed tokens.
 
     Args:
-        q, k, v: ``[T, H, D]`` contiguous, float32 / float16 / bfloat16.
+        q, k, v: ``[T, H, D]`` contiguous, float32 / float16 / bfloat16, ``1 <= D <= 256``.
         cu_queries: int64 ``[U + 1]``, ``cu_queries[0] = B``; query ``u`` owns ``[cu_queries[u], cu_queries[u+1])``.
         cu_docs: int64 ``[B + 1]``, ``cu_docs[0] = cu_queries[U]``; document ``b`` owns ``[cu_docs[b], cu_docs[b+1])``.
         row_to_query: int64 ``[B]``, the query of each row.
@@ -66,4 +96,4 @@ def sparse_attention(
     """
     window = -1 if window is None else int(window)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _SparseAttention.apply(q, k, v, cu_queries, cu_docs, row_to_query, int(flags), window, scale)
+    return ops.sparse_attention_fwd(q, k, v, cu_queries, cu_docs, row_to_query, int(flags), window, scale)[0]
