@@ -1,7 +1,8 @@
 """Dense oracle: the pattern as a boolean mask over the padded sequence, then scaled dot-product attention.
 
 Schlatt et al., ECIR 2024, Eqs. 1-3 written as one masked softmax over the whole ``[CLS] q [SEP] d [SEP]`` row.
-Quadratic in length; the reference every other backend is tested against, and the only one that returns weights.
+Quadratic in length; the reference every other backend is tested against, the only one that returns weights and the
+only one that honours every five-segment pattern. A row that may see no key gets a zero output (and zero weights).
 """
 
 from __future__ import annotations
@@ -46,15 +47,21 @@ def dense_attention(
         return out.unflatten(0, (batch, seq)).transpose(1, 2)  # [batch, heads, seq, dim]
 
     q, k, v = to_padded(query), to_padded(key), to_padded(value)
-    # mask: [batch, 1, seq, seq], built once per forward for each distinct layer pattern
-    mask = layout.cached(("dense-mask", pattern), lambda: pattern.dense_mask(layout.segment_ids)[:, None])
+    # mask: [batch, 1, seq, seq] (rows without keys see themselves), empty: [batch, 1, seq, 1]; once per forward
+    mask, empty = layout.cached(("dense-mask", pattern), lambda: _mask_of(pattern, layout))
     weights = None
     if output_attentions:
         scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        weights = torch.softmax(scores.float(), dim=-1).to(q.dtype).masked_fill(empty, 0)
         out = torch.matmul(F.dropout(weights, p=dropout, training=dropout > 0), v)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        out = out.masked_fill(empty, 0)
     out = out.transpose(1, 2).flatten(0, 1)  # [batch * seq, heads, dim]
     return out[layout.positions], weights
+
+
+def _mask_of(pattern: AttentionPattern, layout: SegmentLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    mask, empty = pattern.dense_mask(layout.segment_ids)
+    return mask[:, None], empty[:, None, :, None]

@@ -1,6 +1,8 @@
 """Memory-linear attention for the sparse pattern in pure PyTorch (CPU and GPU, differentiable).
 
-Schlatt et al., ECIR 2024, Section 3.4: each segment attends to a tuple of key segments with its own window (Eq. 1-3).
+Schlatt et al., ECIR 2024, Section 3.4: each segment attends to a tuple of key segments, documents within a window
+(Eq. 1-3). Patterns of the six-flag family only ([SEP]1 as a query token, [SEP]2 as a document token), which is what
+lets a query's tokens and a document's tokens be handled as two contiguous spans.
 Rows are processed in blocks that share one key list: each [CLS] row alone, each unique query's tokens together,
 and each run of ``block`` consecutive tokens of a document. A block's rows and keys are gathered straight from the
 packed query/key/value tensors (whole ``heads x dim`` rows; no padded copies of documents, no concatenated score
@@ -16,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .pattern import AttentionPattern, Segment
-from .segments import SegmentLayout
+from .pattern import AttentionPattern
+from .segments import Segment, SegmentLayout
 
 
 def document_block_size(window: int) -> int:
@@ -49,6 +51,11 @@ def windowed_attention(
 
 
 def _check_supported(pattern: AttentionPattern, layout: SegmentLayout) -> None:
+    if not pattern.in_flag_family:
+        raise ValueError(
+            f"windowed backend: the pattern {pattern.matrix} is not one of the six-flag family ([SEP]1 as query, "
+            "[SEP]2 as document); use attention_backend='dense' or 'auto'"
+        )
     if layout.shares_queries and not pattern.query_is_independent:
         raise ValueError("windowed backend: rows share a query although the query attends to [CLS] or the document")
 
@@ -138,7 +145,7 @@ def _block_plan(layout: SegmentLayout, pattern: AttentionPattern) -> tuple[_Bloc
 def _document_blocks(layout, pattern, doc_start, span, keys_of, padding) -> _BlockGroup:
     """Runs of ``block`` consecutive tokens of each document; keys: the prefix segments and a band of the document."""
     device = doc_start.device
-    window = pattern.document_window("windowed backend")
+    window = pattern.window
     lengths = layout.doc_lengths
     banded = window is not None and window < layout.max_doc_len - 1
     block = min(document_block_size(window), layout.max_doc_len) if banded else layout.max_doc_len

@@ -1,19 +1,39 @@
-"""How a cross-encoder row splits into [CLS] / query + [SEP] / document + [SEP], and the packed layout built on it.
+"""How a cross-encoder row splits into five segments, and the packed layout built on them.
 
-Schlatt et al., ECIR 2024, Section 3.3: the input is split into three sub-sequences, the [SEP] tokens belonging to
-"their" sub-sequence. This module is the only place that knows where segments start and end. Everything after the
-embeddings runs on a packed token list ``cls (batch) | query (unique queries) | doc (all documents)``: no padding,
-and rows that share a query share its tokens (the query is computed once when the pattern allows it).
+Schlatt et al., ECIR 2024, Section 3.3 splits a row into three sub-sequences, each [SEP] belonging to "its"
+sub-sequence; "Understanding Matching Mechanisms in Cross-Encoders" (arXiv 2507.14604) names five segments:
+[CLS] | query | [SEP]1 | document | [SEP]2. This module is the only place that knows where segments start and end.
+Everything after the embeddings runs on a packed token list ``cls (batch) | query + [SEP]1 (unique queries) |
+doc + [SEP]2 (all documents)``: no padding, and rows that share a query share its tokens (the query is computed once
+when the pattern allows it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any, Callable
 
 import torch
 
-from .pattern import Segment
+
+class Segment(IntEnum):
+    """Segment ids in the order of ``attention_pattern`` matrices (``SEGMENT_NAMES``); ``PAD`` marks padding."""
+
+    PAD = -1
+    CLS = 0
+    QUERY = 1
+    SEP1 = 2
+    DOC = 3
+    SEP2 = 4
+
+
+SEGMENTS = (Segment.CLS, Segment.QUERY, Segment.SEP1, Segment.DOC, Segment.SEP2)
+
+
+def token_types(segment_ids: torch.Tensor) -> torch.Tensor:
+    """BERT token types: 0 for [CLS] query [SEP]1, 1 for document [SEP]2 (and padding's -1 gives 0)."""
+    return (segment_ids >= Segment.DOC).long()
 
 
 class SegmentationError(ValueError):
@@ -26,8 +46,8 @@ class SegmentLayout:
 
     Attributes:
         segment_ids: ``[batch, seq]`` :class:`Segment` id per input position (``PAD`` for padding).
-        query_lengths: ``[queries]`` tokens of each unique query, its [SEP] included.
-        doc_lengths: ``[batch]`` tokens of each document, its final [SEP] included.
+        query_lengths: ``[queries]`` tokens of each unique query, its [SEP]1 included.
+        doc_lengths: ``[batch]`` tokens of each document, its [SEP]2 included.
         row_to_query: ``[batch]`` index of each row's query among the unique queries.
         query_rows: ``[queries]`` the input row each unique query is read from.
         positions: ``[tokens]`` flat index ``row * seq + position`` of each packed token in the padded input.
@@ -210,9 +230,12 @@ def build_segment_layout(
         row = int((doc_lengths < 1).nonzero()[0])
         raise SegmentationError(f"row {row}: no document segment (expected [CLS] query [SEP] document [SEP])")
 
+    rows = torch.arange(batch, device=device)
     segment_ids = torch.full((batch, seq), int(Segment.PAD), dtype=torch.long, device=device)
     segment_ids[mask] = int(Segment.DOC)
     segment_ids[(pos < prefix[:, None]) & mask] = int(Segment.QUERY)
+    segment_ids[rows, prefix - 1] = int(Segment.SEP1)
+    segment_ids[rows, lengths - 1] = int(Segment.SEP2)
     segment_ids[:, 0] = int(Segment.CLS)
 
     max_query_len = int(query_lengths_per_row.max())
@@ -220,7 +243,6 @@ def build_segment_layout(
     query_lengths = query_lengths_per_row[query_rows]
     max_doc_len = int(doc_lengths.max())
 
-    rows = torch.arange(batch, device=device)
     j = torch.arange(max_query_len, device=device)[None, :]
     q_valid = j < query_lengths[:, None]
     q_flat = query_rows[:, None] * seq + 1 + j

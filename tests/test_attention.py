@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -45,7 +44,7 @@ def make_layout(query_lens, doc_lens, query_ids, share):
 
 
 def pattern_of(flags, window):
-    return AttentionPattern.from_config(SimpleNamespace(attention_window_size=window, **flags))
+    return AttentionPattern.from_flags(flags, window)
 
 
 def oracle(q, k, v, layout, flags, window):
@@ -179,10 +178,11 @@ def test_dense_weights_are_zero_outside_the_pattern():
     layout = make_layout([3, 2], [6, 4], [0, 1], True)
     qkv = random_qkv(layout)
     _, weights = dense_attention(*qkv, layout, pattern, scaling=0.5, output_attentions=True)
-    mask = pattern.dense_mask(layout.segment_ids)[:, None].expand_as(weights)
+    mask = pattern.dense_mask(layout.segment_ids)[0][:, None].expand_as(weights)
     valid = (layout.segment_ids >= 0)[:, None, :, None].expand_as(weights)
     assert torch.all(weights[~mask & valid] == 0)
-    torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights.sum(-1)))
+    real = (layout.segment_ids >= 0)[:, None, :].expand_as(weights.sum(-1))
+    torch.testing.assert_close(weights.sum(-1), real.float())  # real rows sum to 1, padding rows are zero
     # query row 1 of row 0 sees only the query: [CLS] (col 0) and document columns stay zero
     assert torch.all(weights[0, :, 1, 0] == 0) and torch.all(weights[0, :, 1, 4:] == 0)
 
@@ -199,12 +199,13 @@ def test_distinct_queries_in_unsorted_order_keep_their_rows():
         torch.testing.assert_close(run(backend, qkv, layout, pattern), expected, atol=1e-5, rtol=1e-5, msg=backend)
 
 
-def test_windows_outside_the_document_are_rejected_by_name():
+def test_patterns_outside_the_flag_family_are_rejected_by_the_windowed_backend():
     pattern = pattern_of({flag: True for flag in DIRECTION_FLAGS}, 4)
-    assert pattern.document_window("windowed backend") == 4
-    window = [list(row) for row in pattern.window]
-    window[1][1] = 2  # query -> query
-    odd = AttentionPattern(pattern.allowed, tuple(map(tuple, window)))
+    assert pattern.in_flag_family and pattern.window == 4
+    matrix = pattern.matrix
+    matrix[2][3] = 0  # [SEP]1 no longer attends to the document like the query does
+    odd = AttentionPattern.from_matrix(matrix, 4)
+    assert not odd.in_flag_family
     layout = make_layout([2], [5], [0], False)
-    with pytest.raises(ValueError, match="windowed backend: a window on QUERY->QUERY"):
+    with pytest.raises(ValueError, match="windowed backend: the pattern .* is not one of the six-flag family"):
         windowed_attention(*random_qkv(layout), layout, odd, scaling=1.0)

@@ -243,3 +243,28 @@ def test_cli_converts_real_minilm(tmp_path):
     with torch.no_grad():
         scores = model(**batch).logits
     assert scores.shape == (2, 1) and torch.isfinite(scores).all()
+
+
+def test_cli_writes_an_explicit_pattern_and_a_preset_replaces_it(tmp_path):
+    from configuration_sparse_ce import DIRECTION_FLAGS, ablate_pattern, named_pattern
+
+    src = bert_folder(tmp_path / "bert-ce")
+    pattern = ablate_pattern(named_pattern("full", TINY_MODEL["num_hidden_layers"]), "query", ["doc", "sep2"], layers=[1])
+    (tmp_path / "pattern.json").write_text(json.dumps(pattern))
+    dst = tmp_path / "out"
+    assert main(["convert", str(src), str(dst), "--pattern-json", str(tmp_path / "pattern.json")]) == 0
+    config = json.loads((dst / "config.json").read_text())
+    assert config["attention_pattern"] == pattern and config["attention_window_size"] is None
+    assert all(config.get(flag) is None for flag in DIRECTION_FLAGS)
+    card = (dst / "README.md").read_text()
+    assert "| layer 1 | cls → cls, query, sep1, doc, sep2; query → cls, query, sep1;" in card
+    assert "--pattern-json" in card and "pattern differs" in card
+    batch = features(AutoTokenizer.from_pretrained(dst, trust_remote_code=True))
+    assert torch.isfinite(converted_logits(dst, batch)).all()
+    again = json.loads((convert(dst, tmp_path / "sparse", pattern="sparse") / "config.json").read_text())
+    assert again["attention_pattern"] is None and again["query_doc_attention"] is False
+    (tmp_path / "bad.json").write_text(json.dumps(named_pattern("full", 3)))
+    with pytest.raises(ValueError, match="one 5x5 matrix per layer \\(2 layers\\), got 3"):
+        convert(src, tmp_path / "bad", pattern_json=tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="either a preset"):
+        convert(src, tmp_path / "both", pattern="sparse", pattern_json=tmp_path / "pattern.json")

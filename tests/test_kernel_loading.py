@@ -140,7 +140,7 @@ print(model(**tok(["do goldfish grow"], ["goldfish grow"], return_tensors="pt"))
 def test_flag_bits_follow_direction_flag_order():
     for bit, flag in enumerate(DIRECTION_FLAGS):
         flags = {name: name == flag for name in DIRECTION_FLAGS}
-        pattern = AttentionPattern.from_config(type("C", (), dict(flags, attention_window_size=None)))
+        pattern = AttentionPattern.from_flags(flags, None)
         assert pattern_flags(pattern) == 1 << bit
 
 

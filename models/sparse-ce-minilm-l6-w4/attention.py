@@ -26,16 +26,34 @@ def register_attention_backend(name: str, function: Callable) -> None:
     ATTENTION_FUNCTIONS[name] = function
 
 
-def resolve_backend(name: str, pattern: AttentionPattern, output_attentions: bool, kernel_ready: bool = False) -> str:
-    """Pick the backend for ``name`` (``auto`` or a key of :data:`ATTENTION_FUNCTIONS`).
+def resolve_backend(
+    name: str,
+    pattern: AttentionPattern,
+    output_attentions: bool,
+    kernel_ready: bool = False,
+    device_type: str = "cpu",
+    layer: int | None = None,
+) -> str:
+    """Pick the backend of one layer for ``name`` (``auto`` or a key of :data:`ATTENTION_FUNCTIONS`).
 
-    ``auto``: dense when weights are requested or the pattern is plain full attention (one SDPA call is fastest
-    there), else the kernel when it is ready for this device and mode, else windowed.
+    ``auto``: dense when weights are requested, the pattern is plain full attention (one SDPA call is fastest there)
+    or it lies outside the six-flag family (only dense honours any five-segment pattern); else the kernel when it is
+    ready for this device and mode, except on CUDA for patterns with long rows (:attr:`AttentionPattern.has_long_rows`:
+    its one-warp-per-row design scans those serially, see ``kernel_src/cuda/NOTES.md``); else windowed. An explicit
+    backend that cannot honour the pattern raises.
     """
+    where = f"layer {layer}: " if layer is not None else ""
     if name == "auto":
-        if output_attentions or pattern.is_full:
+        if output_attentions or pattern.is_full or not pattern.in_flag_family:
             return "dense"
-        return "kernel" if kernel_ready else "windowed"
+        if kernel_ready and not (device_type == "cuda" and pattern.has_long_rows):
+            return "kernel"
+        return "windowed"
     if name not in ATTENTION_FUNCTIONS:
         raise ValueError(f"attention_backend: unknown backend {name!r}; choose 'auto' or one of {sorted(ATTENTION_FUNCTIONS)}")
+    if name in ("windowed", "kernel") and not pattern.in_flag_family:
+        raise ValueError(
+            f"attention_backend={name!r}: {where}the pattern {pattern.matrix} is not one of the six-flag family "
+            "([SEP]1 as query, [SEP]2 as document); only 'dense' (or 'auto') runs it"
+        )
     return name

@@ -23,7 +23,12 @@ from pathlib import Path
 
 import torch
 
-from .pattern import FLAG_DIRECTIONS, AttentionPattern
+try:  # Hub folder: the config module is a flat sibling
+    from .configuration_sparse_ce import DIRECTION_FLAGS
+except ImportError:  # installed package: one top-level module
+    from configuration_sparse_ce import DIRECTION_FLAGS
+
+from .pattern import AttentionPattern
 from .segments import SegmentLayout
 
 try:  # optional dependency; remote code stays importable without it
@@ -144,8 +149,14 @@ def kernel_supports(module, device: torch.device) -> bool:
 
 
 def pattern_flags(pattern: AttentionPattern) -> int:
-    """The op's direction bitmask: bit ``i`` is direction ``i`` of :data:`FLAG_DIRECTIONS` (``DIRECTION_FLAGS`` order)."""
-    return sum(1 << bit for bit, (src, dst) in enumerate(FLAG_DIRECTIONS.values()) if pattern.allows(src, dst))
+    """The op's direction bitmask: bit ``i`` is flag ``i`` of ``DIRECTION_FLAGS``; six-flag patterns only."""
+    flags = pattern.six_flags
+    if flags is None:
+        raise ValueError(
+            f"kernel backend: the pattern {pattern.matrix} is not one of the six-flag family ([SEP]1 as query, "
+            "[SEP]2 as document); use attention_backend='dense' or 'auto'"
+        )
+    return sum(1 << bit for bit, flag in enumerate(DIRECTION_FLAGS) if flags[flag])
 
 
 def layout_offsets(layout: SegmentLayout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,10 +187,11 @@ def kernel_attention(
                          "or attention_backend='windowed'")
     if kernel is None:
         raise RuntimeError("kernel backend: no kernel loaded")
+    flags = pattern_flags(pattern)
     cu_queries, cu_docs = layout.cached("kernel-offsets", lambda: layout_offsets(layout))
-    window = pattern.document_window("kernel backend")
+    window = pattern.window
     out = kernel.sparse_attention(
         query.contiguous(), key.contiguous(), value.contiguous(), cu_queries, cu_docs, layout.row_to_query,
-        pattern_flags(pattern), -1 if window is None else window, scaling,
+        flags, -1 if window is None else window, scaling,
     )
     return out, None

@@ -2,7 +2,9 @@
 
 Schlatt, Fröbe, Hagen: "Investigating the Effects of Sparse Attention on Cross-Encoders", ECIR 2024.
 A BERT configuration plus the attention pattern of Section 3.4: a one-sided window ``w`` for document tokens and
-six direction flags between the [CLS], query and document segments (names as in the original code).
+six direction flags between the [CLS], query and document segments (names as in the original code), or an explicit
+per-layer pattern over the five segments [CLS] / query / [SEP]1 / document / [SEP]2 of "Understanding Matching
+Mechanisms in Cross-Encoders" (arXiv 2507.14604), with the helpers that build such patterns.
 
 This file is the single source of the configuration class: the installed package imports it as the top-level
 module ``configuration_sparse_ce`` and Hub folders carry a copy beside the modeling files.
@@ -14,6 +16,9 @@ import re
 from typing import Any
 
 from transformers import BertConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 DIRECTION_FLAGS = (
     "cls_query_attention",
@@ -40,6 +45,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 """Named attention patterns; ``attention_window_size`` is the default window of each preset."""
 
+SEGMENT_NAMES = ("cls", "query", "sep1", "doc", "sep2")
+"""The five segments of a row ``[CLS] query [SEP]1 document [SEP]2``, in the order of ``attention_pattern`` matrices."""
+
+FLAG_SEGMENTS = {"cls": ("cls",), "query": ("query", "sep1"), "doc": ("doc", "sep2")}
+"""What the six flags' three segments cover: [SEP]1 behaves as a query token, [SEP]2 as a document token."""
+
+WINDOWED_SEGMENTS = ("doc", "sep2")
+"""The window ``w`` limits every pair of tokens that both lie in these segments (positions at most ``w`` apart)."""
+
 ATTENTION_BACKENDS = ("auto", "dense", "windowed", "kernel")
 
 SCORE_HEADS = ("cls", "cosine", "cls-cosine")
@@ -48,6 +62,92 @@ state and the mean document state or the [CLS] state (see :class:`SparseCrossEnc
 
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 """A pinned kernel revision: a full commit sha (branches, tags and versions can be moved to other code)."""
+
+Matrix = list[list[int]]
+
+
+def flag_direction(flag: str) -> tuple[str, str]:
+    """``"query_doc_attention"`` -> ``("query", "doc")``: the flag's (attending, attended) segments of the six."""
+    src, dst, _ = flag.split("_")
+    return src, dst
+
+
+def flags_matrix(flags: dict[str, bool]) -> Matrix:
+    """The 5x5 matrix of the six flags: attention inside [CLS], query+[SEP]1 and document+[SEP]2 always on.
+
+    ``M[a][b] = 1``: tokens of segment ``a`` attend to tokens of segment ``b`` (order :data:`SEGMENT_NAMES`).
+    """
+    group = {seg: name for name, members in FLAG_SEGMENTS.items() for seg in members}
+    on = {(name, name) for name in FLAG_SEGMENTS}
+    on |= {flag_direction(flag) for flag in DIRECTION_FLAGS if flags[flag]}
+    return [[int((group[a], group[b]) in on) for b in SEGMENT_NAMES] for a in SEGMENT_NAMES]
+
+
+def pattern_from_flags(num_layers: int, **flags: bool) -> dict[str, Any]:
+    """An ``attention_pattern`` with the six flags' matrix in every layer (a flag left out is on)."""
+    unknown = set(flags) - set(DIRECTION_FLAGS)
+    if unknown:
+        raise ValueError(f"flags: unknown {sorted(unknown)}; expected some of {DIRECTION_FLAGS}")
+    matrix = flags_matrix({flag: flags.get(flag, True) for flag in DIRECTION_FLAGS})
+    return {"segments": list(SEGMENT_NAMES), "layers": [[row[:] for row in matrix] for _ in range(num_layers)]}
+
+
+def named_pattern(name: str, num_layers: int) -> dict[str, Any]:
+    """An ``attention_pattern`` from a preset's flags (``full``, ``longformer``, ``sparse``); windows stay separate."""
+    if name not in PRESETS:
+        raise ValueError(f"pattern: unknown name {name!r}; choose one of {sorted(PRESETS)}")
+    return pattern_from_flags(num_layers, **{flag: PRESETS[name][flag] for flag in DIRECTION_FLAGS})
+
+
+def ablate_pattern(
+    pattern: dict[str, Any], src: str | list[str], dst: str | list[str], layers: list[int] | range | None = None
+) -> dict[str, Any]:
+    """A copy of ``pattern`` with direction(s) ``src`` -> ``dst`` switched off in ``layers`` (default: all).
+
+    ``src`` / ``dst``: segment names of :data:`SEGMENT_NAMES` or lists of them (every pair is switched off).
+    """
+    sources, targets = ([x] if isinstance(x, str) else list(x) for x in (src, dst))
+    for name in (*sources, *targets):
+        if name not in SEGMENT_NAMES:
+            raise ValueError(f"segment: unknown {name!r}; expected one of {SEGMENT_NAMES}")
+    matrices = [[row[:] for row in matrix] for matrix in pattern["layers"]]
+    chosen = range(len(matrices)) if layers is None else layers
+    for layer in chosen:
+        if not 0 <= layer < len(matrices):
+            raise ValueError(f"layers: {layer} is outside 0..{len(matrices) - 1}")
+        for a in sources:
+            for b in targets:
+                matrices[layer][SEGMENT_NAMES.index(a)][SEGMENT_NAMES.index(b)] = 0
+    return {"segments": list(SEGMENT_NAMES), "layers": matrices}
+
+
+def check_attention_pattern(pattern: Any, num_layers: int) -> dict[str, Any]:
+    """The validated ``attention_pattern`` with 0/1 ints; a ValueError names the layer and cell of the first problem."""
+    if not isinstance(pattern, dict) or set(pattern) != {"segments", "layers"}:
+        raise ValueError(f"attention_pattern: expected {{'segments': [...], 'layers': [...]}}, got {pattern!r}")
+    if list(pattern["segments"]) != list(SEGMENT_NAMES):
+        raise ValueError(f"attention_pattern: segments must be {list(SEGMENT_NAMES)}, got {pattern['segments']!r}")
+    layers = pattern["layers"]
+    if not isinstance(layers, (list, tuple)) or len(layers) != num_layers:
+        found = len(layers) if isinstance(layers, (list, tuple)) else repr(layers)
+        raise ValueError(f"attention_pattern: expected one 5x5 matrix per layer ({num_layers} layers), got {found}")
+    checked = []
+    for i, matrix in enumerate(layers):
+        if not isinstance(matrix, (list, tuple)) or len(matrix) != len(SEGMENT_NAMES):
+            raise ValueError(f"attention_pattern: layer {i} is not a list of {len(SEGMENT_NAMES)} rows")
+        rows = []
+        for a, row in enumerate(matrix):
+            if not isinstance(row, (list, tuple)) or len(row) != len(SEGMENT_NAMES):
+                raise ValueError(f"attention_pattern: layer {i}, row {a} ({SEGMENT_NAMES[a]}) is not a list of 5 cells")
+            for b, cell in enumerate(row):
+                if cell not in (0, 1) or not isinstance(cell, (int, bool)):
+                    raise ValueError(
+                        f"attention_pattern: layer {i}, cell [{a}][{b}] ({SEGMENT_NAMES[a]} attends to "
+                        f"{SEGMENT_NAMES[b]}) must be 0 or 1, got {cell!r}"
+                    )
+            rows.append([int(cell) for cell in row])
+        checked.append(rows)
+    return {"segments": list(SEGMENT_NAMES), "layers": checked}
 
 
 class SparseCrossEncoderConfig(BertConfig):
@@ -62,6 +162,14 @@ class SparseCrossEncoderConfig(BertConfig):
         query_doc_attention: Query tokens attend to the document.
         doc_cls_attention: Document tokens attend to [CLS].
         doc_query_attention: Document tokens attend to the query.
+            Each flag: ``None`` (the default) means on. [SEP]1 counts as a query token, [SEP]2 as a document token.
+        attention_pattern: ``None`` (default: the pattern of the six flags, the same in every layer), or
+            ``{"segments": ["cls", "query", "sep1", "doc", "sep2"], "layers": [M0, ..., M(L-1)]}`` with one 5x5 0/1
+            matrix per layer, ``Mi[a][b] = 1``: tokens of segment ``a`` attend to tokens of segment ``b`` in layer ``i``.
+            Then it alone defines the pattern: the six flags are set to ``None`` (saved as null) and never read, and
+            flags given alongside that contradict it log one warning. The window ``w`` still applies to every pair of
+            tokens that both lie in {doc, sep2}. A token whose row allows no key gets a zero attention output. Build
+            one with :func:`pattern_from_flags`, :func:`named_pattern` and :func:`ablate_pattern`.
         attention_backend: ``"auto"``, ``"dense"`` (masked SDPA oracle), ``"windowed"`` (memory-linear PyTorch) or
             ``"kernel"`` (the fused op). ``auto`` prefers the kernel when one loads for the device: a local build
             (``SPARSE_CE_KERNEL=DIR``), a pinned Hub kernel, or on CPU the op sparse-ce builds on first use.
@@ -90,12 +198,13 @@ class SparseCrossEncoderConfig(BertConfig):
     def __init__(
         self,
         attention_window_size: int | None = None,
-        cls_query_attention: bool = True,
-        cls_doc_attention: bool = True,
-        query_cls_attention: bool = True,
-        query_doc_attention: bool = True,
-        doc_cls_attention: bool = True,
-        doc_query_attention: bool = True,
+        cls_query_attention: bool | None = None,
+        cls_doc_attention: bool | None = None,
+        query_cls_attention: bool | None = None,
+        query_doc_attention: bool | None = None,
+        doc_cls_attention: bool | None = None,
+        doc_query_attention: bool | None = None,
+        attention_pattern: dict[str, Any] | None = None,
         attention_backend: str = "auto",
         share_query: bool = True,
         sep_token_id: int | None = None,
@@ -110,12 +219,14 @@ class SparseCrossEncoderConfig(BertConfig):
         kwargs.setdefault("num_labels", 1)
         super().__init__(**kwargs)
         self.attention_window_size = attention_window_size
-        self.cls_query_attention = cls_query_attention
-        self.cls_doc_attention = cls_doc_attention
-        self.query_cls_attention = query_cls_attention
-        self.query_doc_attention = query_doc_attention
-        self.doc_cls_attention = doc_cls_attention
-        self.doc_query_attention = doc_query_attention
+        given = dict(zip(DIRECTION_FLAGS, (cls_query_attention, cls_doc_attention, query_cls_attention,
+                                           query_doc_attention, doc_cls_attention, doc_query_attention)))
+        self.attention_pattern = None
+        if attention_pattern is not None:
+            self.attention_pattern = check_attention_pattern(attention_pattern, self.num_hidden_layers)
+            _warn_contradicting_flags(self.attention_pattern, given)
+        for flag, value in given.items():  # with an explicit pattern the flags are null and never read
+            setattr(self, flag, None if attention_pattern is not None else (True if value is None else value))
         self.attention_backend = attention_backend
         self.share_query = share_query
         self.sep_token_id = sep_token_id
@@ -168,9 +279,12 @@ class SparseCrossEncoderConfig(BertConfig):
         window = self.attention_window_size
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
             raise ValueError(f"attention_window_size: expected None or an int >= 0, got {window!r}")
-        for flag in DIRECTION_FLAGS:
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{flag}: expected a bool, got {getattr(self, flag)!r}")
+        if self.attention_pattern is not None:
+            self.attention_pattern = check_attention_pattern(self.attention_pattern, self.num_hidden_layers)
+        else:
+            for flag in DIRECTION_FLAGS:
+                if not isinstance(getattr(self, flag), bool):
+                    raise ValueError(f"{flag}: expected a bool, got {getattr(self, flag)!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend: expected one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if not isinstance(self.share_query, bool):
@@ -192,17 +306,42 @@ class SparseCrossEncoderConfig(BertConfig):
         if isinstance(self.cosine_scale, bool) or not isinstance(self.cosine_scale, (int, float)) or self.cosine_scale <= 0:
             raise ValueError(f"cosine_scale: expected a number > 0, got {self.cosine_scale!r}")
 
+    def layer_matrices(self) -> list[Matrix]:
+        """The 5x5 pattern matrix of every layer: the explicit ``attention_pattern`` or the six flags' matrix."""
+        if self.attention_pattern is not None:
+            return [[row[:] for row in matrix] for matrix in self.attention_pattern["layers"]]
+        return [flags_matrix(self.pattern_flags) for _ in range(self.num_hidden_layers)]
+
     @property
     def pattern_flags(self) -> dict[str, bool]:
-        """The six direction flags by name."""
+        """The six direction flags by name (all ``None`` when ``attention_pattern`` is set)."""
         return {flag: getattr(self, flag) for flag in DIRECTION_FLAGS}
 
     @property
     def preset_name(self) -> str | None:
-        """The preset whose flags this config has (windows may differ), else ``None``."""
+        """The preset whose flags this config has (windows may differ), else ``None`` (also for explicit patterns)."""
+        if self.attention_pattern is not None:
+            return None
         for name, fields in PRESETS.items():
             if all(fields[flag] == getattr(self, flag) for flag in DIRECTION_FLAGS):
                 if name == "full" and self.attention_window_size is not None:
                     continue
                 return name
         return None
+
+
+def _warn_contradicting_flags(pattern: dict[str, Any], flags: dict[str, bool | None]) -> None:
+    """One warning when flags given next to an explicit pattern disagree with it in some layer."""
+    index = {name: SEGMENT_NAMES.index(name) for name in SEGMENT_NAMES}
+    wrong = []
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        src, dst = flag_direction(flag)
+        cells = [m[index[a]][index[b]] for m in pattern["layers"] for a in FLAG_SEGMENTS[src] for b in FLAG_SEGMENTS[dst]]
+        if any(cell != int(bool(value)) for cell in cells):
+            wrong.append(flag)
+    if wrong:
+        logger.warning(
+            "attention_pattern is given, so the flags %s are ignored (they contradict it in some layer)", ", ".join(wrong)
+        )

@@ -37,8 +37,8 @@ except ImportError:  # installed package: one top-level module, one class
 
 from .attention import ATTENTION_FUNCTIONS, resolve_backend
 from .attention_kernel import find_kernel
-from .pattern import AttentionPattern, Segment
-from .segments import SegmentLayout, build_segment_layout
+from .pattern import AttentionPattern
+from .segments import SegmentLayout, build_segment_layout, token_types
 
 logger = logging.get_logger(__name__)
 
@@ -207,8 +207,8 @@ class SparseCrossEncoderModel(SparseCrossEncoderPreTrainedModel):
         self.embeddings.word_embeddings = value
 
     def layer_patterns(self) -> list[AttentionPattern]:
-        """The attention pattern of each layer (the same for all layers today)."""
-        return [AttentionPattern.from_config(self.config)] * self.config.num_hidden_layers
+        """The attention pattern of each layer: the config's ``attention_pattern``, or its six flags in every layer."""
+        return AttentionPattern.for_layers(self.config)
 
     def attention_functions(self, name: str, patterns: list[AttentionPattern], output_attentions: bool) -> list:
         """The attention function of each layer for backend ``name``; loads the kernel when it may be used."""
@@ -216,7 +216,7 @@ class SparseCrossEncoderModel(SparseCrossEncoderPreTrainedModel):
             name == "auto"
             and not output_attentions
             and not (self.training and self.config.attention_probs_dropout_prob > 0)  # dropout is not fused
-            and not all(p.is_full for p in patterns)
+            and any(p.in_flag_family and not p.is_full for p in patterns)
         )
         kernel = find_kernel(self.config, self.device) if wants_kernel else None
         if name == "kernel" and kernel is None:
@@ -224,7 +224,16 @@ class SparseCrossEncoderModel(SparseCrossEncoderPreTrainedModel):
                 f"attention_backend='kernel': no kernel for {self.device} (see the log for the sources tried); "
                 "use 'auto' to fall back to the windowed backend"
             )
-        names = [resolve_backend(name, p, output_attentions, kernel_ready=kernel is not None) for p in patterns]
+        names = [
+            resolve_backend(name, p, output_attentions, kernel is not None, self.device.type, layer=i)
+            for i, p in enumerate(patterns)
+        ]
+        outside = [i for i, p in enumerate(patterns) if not p.in_flag_family]
+        if name == "auto" and outside and not output_attentions:
+            logger.warning_once(
+                f"attention_pattern: layers {outside} are outside the six-flag family; 'auto' runs them with the "
+                "dense backend (quadratic in length)"
+            )
         return [functools.partial(ATTENTION_FUNCTIONS[n], kernel=kernel) if n == "kernel" else ATTENTION_FUNCTIONS[n] for n in names]
 
     def encode(
@@ -253,7 +262,7 @@ class SparseCrossEncoderModel(SparseCrossEncoderPreTrainedModel):
         segment = layout.segment_ids.flatten()[layout.positions]
         hidden = self.embeddings(
             input_ids=flat_ids[None],
-            token_type_ids=(segment == Segment.DOC).long()[None],  # 0: [CLS] query [SEP], 1: document [SEP]
+            token_type_ids=token_types(segment)[None],
             position_ids=(layout.positions % seq)[None],
         )[0]
         hidden, all_hidden, all_weights = self.encoder(hidden, layout, patterns, backends, output_attentions, output_hidden_states)

@@ -1,109 +1,129 @@
-"""Attention pattern of the sparse cross-encoder as a segment-by-segment table.
+"""Attention pattern of one layer: which of the five segments attends to which, and the document window.
 
-Schlatt et al., ECIR 2024, Section 3.4 (Eqs. 1-3): each segment ([CLS], query, document) attends to a chosen set of
-segments, with an optional window ``w`` inside a segment. The pattern is a table over segment pairs, not a set of
-flags, so that more segments (own [SEP] segments) or per-layer patterns need no change in the attention code.
-This module owns the pattern and the dense boolean mask built from it.
+Schlatt et al., ECIR 2024, Section 3.4 (Eqs. 1-3) switch six directions between [CLS], query and document and window
+the document; "Understanding Matching Mechanisms in Cross-Encoders" (arXiv 2507.14604) splits a row into five
+segments and ablates any of their 25 directions. A pattern here is a 5x5 table over [CLS] / query / [SEP]1 / document
+/ [SEP]2 plus the window ``w``, which limits every pair of tokens that both lie in {document, [SEP]2} to positions at
+most ``w`` apart. The six-flag patterns are the *flag family*: [SEP]1 behaves as a query token, [SEP]2 as a document
+token, attention inside [CLS], query and document is on. The fast backends handle that family; the dense one any
+table. This module owns patterns and the dense boolean mask built from them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import IntEnum
 
 import torch
 
+try:  # Hub folder: the config module is a flat sibling
+    from .configuration_sparse_ce import DIRECTION_FLAGS, SEGMENT_NAMES, WINDOWED_SEGMENTS, flag_direction, flags_matrix
+except ImportError:  # installed package: one top-level module
+    from configuration_sparse_ce import DIRECTION_FLAGS, SEGMENT_NAMES, WINDOWED_SEGMENTS, flag_direction, flags_matrix
 
-class Segment(IntEnum):
-    """Segment ids; a row is ``[CLS] | query + [SEP] | document + [SEP] | padding``."""
+from .segments import SEGMENTS, Segment
 
-    PAD = -1
-    CLS = 0
-    QUERY = 1
-    DOC = 2
+assert [s.name.lower() for s in SEGMENTS] == list(SEGMENT_NAMES), "Segment and SEGMENT_NAMES disagree"
 
+FLAG_REPRESENTATIVE = {"cls": Segment.CLS, "query": Segment.QUERY, "doc": Segment.DOC}
+"""The segment that stands for each of the six flags' three segments ([SEP]s follow their segment in the family)."""
 
-SEGMENTS = (Segment.CLS, Segment.QUERY, Segment.DOC)
-FLAG_DIRECTIONS = {
-    "cls_query_attention": (Segment.CLS, Segment.QUERY),
-    "cls_doc_attention": (Segment.CLS, Segment.DOC),
-    "query_cls_attention": (Segment.QUERY, Segment.CLS),
-    "query_doc_attention": (Segment.QUERY, Segment.DOC),
-    "doc_cls_attention": (Segment.DOC, Segment.CLS),
-    "doc_query_attention": (Segment.DOC, Segment.QUERY),
-}
-"""The six switchable directions as (from, to) segments, in the order of the config's ``DIRECTION_FLAGS``."""
+LONG_ROW_WINDOW = 32
+"""A document window from which document rows count as long (see :attr:`AttentionPattern.has_long_rows`)."""
 
 
 @dataclass(frozen=True)
 class AttentionPattern:
-    """Which segment attends to which, and with what window.
+    """One layer's pattern.
 
     Attributes:
-        allowed: ``allowed[s][t]``: tokens of segment ``s`` attend to tokens of segment ``t``.
-        window: ``window[s][t]``: one-sided window in positions for that direction, ``None`` = unlimited.
+        allowed: ``allowed[a][b]``: tokens of segment ``a`` attend to tokens of segment ``b`` (order :data:`SEGMENTS`).
+        window: One-sided window over {document, [SEP]2} positions, ``None`` = unlimited.
     """
 
     allowed: tuple[tuple[bool, ...], ...]
-    window: tuple[tuple[int | None, ...], ...]
+    window: int | None
 
     @classmethod
-    def from_config(cls, config) -> "AttentionPattern":
-        """The paper's pattern from a config's six flags and ``attention_window_size`` (documents only)."""
-        n = len(SEGMENTS)
-        allowed = [[s == t for t in range(n)] for s in range(n)]
-        for flag, (src, dst) in FLAG_DIRECTIONS.items():
-            allowed[src][dst] = bool(getattr(config, flag))
-        window = [[None] * n for _ in range(n)]
-        window[Segment.DOC][Segment.DOC] = config.attention_window_size
-        return cls(tuple(map(tuple, allowed)), tuple(map(tuple, window)))
+    def from_matrix(cls, matrix, window: int | None) -> "AttentionPattern":
+        """From a 5x5 0/1 matrix (rows attend, columns are attended) and the window."""
+        return cls(tuple(tuple(bool(cell) for cell in row) for row in matrix), window)
+
+    @classmethod
+    def from_flags(cls, flags: dict[str, bool], window: int | None) -> "AttentionPattern":
+        """The paper's pattern from the six flags and the document window."""
+        return cls.from_matrix(flags_matrix(flags), window)
+
+    @classmethod
+    def for_layers(cls, config) -> list["AttentionPattern"]:
+        """Every layer's pattern of a :class:`SparseCrossEncoderConfig` (explicit ``attention_pattern`` or flags)."""
+        return [cls.from_matrix(matrix, config.attention_window_size) for matrix in config.layer_matrices()]
 
     def allows(self, src: Segment, dst: Segment) -> bool:
         """Whether ``src`` tokens attend to ``dst`` tokens."""
         return self.allowed[src][dst]
 
-    def document_window(self, backend: str) -> int | None:
-        """The document->document window; raises for windows elsewhere, which ``backend`` cannot express."""
-        for src in SEGMENTS:
-            for dst in SEGMENTS:
-                if self.window[src][dst] is not None and (src, dst) != (Segment.DOC, Segment.DOC):
-                    raise ValueError(f"{backend}: a window on {src.name}->{dst.name} is not supported (documents only)")
-        return self.window[Segment.DOC][Segment.DOC]
+    @property
+    def matrix(self) -> list[list[int]]:
+        return [[int(cell) for cell in row] for row in self.allowed]
+
+    @property
+    def six_flags(self) -> dict[str, bool] | None:
+        """The six flags when this pattern is in the flag family, else ``None``."""
+        flags = {}
+        for flag in DIRECTION_FLAGS:
+            src, dst = flag_direction(flag)
+            flags[flag] = self.allows(FLAG_REPRESENTATIVE[src], FLAG_REPRESENTATIVE[dst])
+        return flags if flags_matrix(flags) == self.matrix else None
+
+    @property
+    def in_flag_family(self) -> bool:
+        """Whether the windowed backend and the kernel can run this pattern."""
+        return self.six_flags is not None
 
     @property
     def query_is_independent(self) -> bool:
-        """The query sees only itself, so its hidden states do not depend on the document."""
-        return not self.allows(Segment.QUERY, Segment.CLS) and not self.allows(Segment.QUERY, Segment.DOC)
+        """Query and [SEP]1 rows see only query and [SEP]1 tokens, so their states do not depend on the document."""
+        inside = (Segment.QUERY, Segment.SEP1)
+        return not any(self.allows(src, dst) for src in inside for dst in SEGMENTS if dst not in inside)
 
     @property
     def is_full(self) -> bool:
         """Every direction on and no window: plain BERT attention."""
-        return all(all(row) for row in self.allowed) and all(w is None for row in self.window for w in row)
+        return all(all(row) for row in self.allowed) and self.window is None
 
-    def dense_mask(self, segment_ids: torch.Tensor) -> torch.Tensor:
-        """Boolean mask ``[batch, seq, seq]`` (True = attend) for padded rows of segment ids.
+    @property
+    def has_long_rows(self) -> bool:
+        """Some rows scan a whole document: [CLS] or query rows that see it, or a window unlimited or >= 32."""
+        return (
+            self.allows(Segment.CLS, Segment.DOC)
+            or self.allows(Segment.QUERY, Segment.DOC)
+            or self.window is None
+            or self.window >= LONG_ROW_WINDOW
+        )
 
-        Padding (``Segment.PAD``) attends to nothing and is attended by nothing; padding rows get their own
-        diagonal so that a softmax over them stays finite (their outputs are discarded).
+    def dense_mask(self, segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boolean mask ``[batch, seq, seq]`` (True = attend) for padded rows of segment ids, and the empty rows.
+
+        Padding (``Segment.PAD``) attends to nothing and is attended by nothing. A row that may see no key (padding,
+        or a real token whose segment's row of the table is all off) gets its own diagonal so that a softmax over it
+        stays finite; the second result ``[batch, seq]`` marks those rows, whose output must be zero.
 
         Args:
             segment_ids: ``[batch, seq]`` integer ids from :class:`Segment`.
         """
-        n = len(SEGMENTS)
         device = segment_ids.device
         allowed = torch.tensor(self.allowed, dtype=torch.bool, device=device)
         valid = segment_ids >= 0
         seg = segment_ids.clamp(min=0)
         # mask: [batch, seq_q, seq_k]
         mask = allowed[seg[:, :, None], seg[:, None, :]] & valid[:, :, None] & valid[:, None, :]
-        positions = torch.arange(segment_ids.shape[1], device=device)
-        distance = (positions[:, None] - positions[None, :]).abs()
-        for s in range(n):
-            for t in range(n):
-                w = self.window[s][t]
-                if w is None or not self.allowed[s][t]:
-                    continue
-                pair = (seg[:, :, None] == s) & (seg[:, None, :] == t)
-                mask &= ~pair | (distance <= w)
+        if self.window is not None:
+            windowed = torch.zeros_like(valid)
+            for name in WINDOWED_SEGMENTS:
+                windowed |= segment_ids == SEGMENT_NAMES.index(name)
+            positions = torch.arange(segment_ids.shape[1], device=device)
+            near = (positions[:, None] - positions[None, :]).abs() <= self.window
+            mask &= ~(windowed[:, :, None] & windowed[:, None, :]) | near
+        empty = ~mask.any(-1)
         eye = torch.eye(segment_ids.shape[1], dtype=torch.bool, device=device)
-        return mask | (eye & ~valid[:, :, None])
+        return mask | (eye & empty[:, :, None]), empty

@@ -21,7 +21,7 @@ from string import Template
 from huggingface_hub import snapshot_download
 from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
 
-from configuration_sparse_ce import DIRECTION_FLAGS, PRESETS, SCORE_HEADS, SparseCrossEncoderConfig
+from configuration_sparse_ce import DIRECTION_FLAGS, PRESETS, SCORE_HEADS, SEGMENT_NAMES, SparseCrossEncoderConfig
 from modeling_sparse_ce import SparseCrossEncoderForSequenceClassification
 from .positions import extend_position_embeddings
 
@@ -55,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="attention pattern; default: the source's own if it has one, else 'sparse'",
     )
     parser.add_argument(
+        "--pattern-json", type=Path, default=None, metavar="FILE",
+        help="an explicit per-layer five-segment pattern, {\"segments\": [\"cls\", \"query\", \"sep1\", \"doc\", "
+        "\"sep2\"], \"layers\": [5x5 0/1 matrix per layer]}, written as the config's attention_pattern",
+    )
+    parser.add_argument(
         "--window", type=parse_window, default="default",
         help="one-sided document window: an int >= 0, 'none' (unlimited) or 'default' (the pattern's)",
     )
@@ -74,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     convert(
         args.src, args.dst, pattern=args.pattern, window=args.window, max_positions=args.max_positions,
         trained_positions=args.trained_positions, model_id=args.model_id, overwrite=args.overwrite,
-        score_head=args.score_head,
+        score_head=args.score_head, pattern_json=args.pattern_json,
     )
     return 0
 
@@ -89,6 +94,7 @@ def convert(
     model_id: str | None = None,
     overwrite: bool = False,
     score_head: str | None = None,
+    pattern_json: str | Path | None = None,
 ) -> Path:
     """Convert a BERT checkpoint into a sparse cross-encoder folder.
 
@@ -105,6 +111,7 @@ def convert(
         overwrite: Allow writing into a non-empty ``dst``.
         score_head: ``cls`` or ``cosine`` (see :class:`SparseCrossEncoderConfig`); ``None`` keeps the source's
             (``cls`` for BERT sources).
+        pattern_json: A JSON file with an explicit per-layer ``attention_pattern`` (instead of ``pattern``).
 
     Returns:
         The output folder.
@@ -125,7 +132,10 @@ def convert(
         raise FileExistsError(f"dst: {dst} is not empty; pass overwrite=True (--overwrite) to write into it")
 
     source = json.loads((folder / "config.json").read_text())
-    config = build_config(source, pattern, window, score_head)
+    explicit = read_pattern_json(pattern_json) if pattern_json is not None else None
+    if explicit is not None and pattern is not None:
+        raise ValueError("pattern: give either a preset (--pattern) or an explicit pattern (--pattern-json), not both")
+    config = build_config(source, pattern, window, score_head, explicit)
     tokenizer = load_tokenizer(folder)
     config.sep_token_id, config.pad_token_id = tokenizer.sep_token_id, tokenizer.pad_token_id
     config.cls_token_id = tokenizer.cls_token_id
@@ -140,7 +150,7 @@ def convert(
     model.save_pretrained(dst)
     tokenizer.save_pretrained(dst)
     notes = _card_notes(source, model.config, hub_id or str(src), missing, source_positions, trained_positions)
-    command = _command(src, model_id or dst.name, pattern, window, max_positions, trained_positions, score_head)
+    command = _command(src, model_id or dst.name, pattern, window, max_positions, trained_positions, score_head, pattern_json)
     card = render_model_card(model.config, hub_id or str(src), hub_id, model_id or dst.name, notes, command)
     (dst / "README.md").write_text(card, encoding="utf-8")
     logger.info(
@@ -175,8 +185,20 @@ def resolve_source(src: str | Path) -> tuple[Path, str | None]:
     return folder, str(src)
 
 
+def read_pattern_json(path: str | Path) -> dict:
+    """The ``attention_pattern`` dict of a JSON file (checked against the model when the config is built)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"pattern_json: cannot read {path} as JSON ({exc})") from exc
+
+
 def build_config(
-    source: dict, pattern: str | None = None, window: int | None | str = "default", score_head: str | None = None
+    source: dict,
+    pattern: str | None = None,
+    window: int | None | str = "default",
+    score_head: str | None = None,
+    attention_pattern: dict | None = None,
 ) -> SparseCrossEncoderConfig:
     """Build the sparse config from a source ``config.json`` and the requested pattern (one label, no auto_map).
 
@@ -185,14 +207,21 @@ def build_config(
         pattern: See :func:`convert`.
         window: See :func:`convert`.
         score_head: See :func:`convert`.
+        attention_pattern: An explicit per-layer pattern; replaces the source's pattern and flags.
     """
     has_pattern = source.get("model_type") == SparseCrossEncoderConfig.model_type or any(
-        key in source for key in ("attention_window_size", *DIRECTION_FLAGS)
+        key in source for key in ("attention_window_size", "attention_pattern", *DIRECTION_FLAGS)
     )
     fields = {k: v for k, v in source.items() if k not in ("id2label", "label2id", "num_labels", "auto_map")}
-    if pattern is not None or not has_pattern:
+    if attention_pattern is not None:
+        fields.update({flag: None for flag in DIRECTION_FLAGS}, attention_pattern=attention_pattern)
+        if window != "default":
+            fields["attention_window_size"] = window
+        elif not has_pattern:
+            fields["attention_window_size"] = None
+    elif pattern is not None or not has_pattern:
         preset = SparseCrossEncoderConfig.from_preset(pattern or "sparse", window)
-        fields.update(attention_window_size=preset.attention_window_size, **preset.pattern_flags)
+        fields.update(attention_window_size=preset.attention_window_size, attention_pattern=None, **preset.pattern_flags)
     elif window != "default":
         fields["attention_window_size"] = window
     if score_head is not None:
@@ -289,13 +318,33 @@ def render_model_card(
         base_model=f"base_model: {hub_id}\n" if hub_id else "",
         model_id=model_id,
         source=source,
-        pattern=f"`{config.preset_name}`" if config.preset_name else "custom flags",
+        pattern=_pattern_name(config),
         window="unlimited" if window is None else str(window),
         max_length=config.max_position_embeddings,
-        flags="\n".join(f"| `{flag}` | {'on' if on else 'off'} |" for flag, on in config.pattern_flags.items()),
+        flags=_pattern_rows(config),
         notes="\n\n".join(notes),
         command=command,
     )
+
+
+def _pattern_name(config: SparseCrossEncoderConfig) -> str:
+    if config.attention_pattern is not None:
+        return "explicit per-layer five-segment pattern (`attention_pattern`)"
+    return f"`{config.preset_name}`" if config.preset_name else "custom flags"
+
+
+def _pattern_rows(config: SparseCrossEncoderConfig) -> str:
+    """The card's pattern rows: the six flags, or per layer which segments each segment attends to."""
+    if config.attention_pattern is None:
+        return "\n".join(f"| `{flag}` | {'on' if on else 'off'} |" for flag, on in config.pattern_flags.items())
+    rows = []
+    for i, matrix in enumerate(config.attention_pattern["layers"]):
+        sees = "; ".join(
+            f"{src} → {', '.join(dst for dst, on in zip(SEGMENT_NAMES, row) if on) or 'nothing'}"
+            for src, row in zip(SEGMENT_NAMES, matrix)
+        )
+        rows.append(f"| layer {i} | {sees} |")
+    return "\n".join(rows)
 
 
 def _card_notes(source, config, name, missing, source_positions, trained_positions) -> list[str]:
@@ -314,8 +363,9 @@ def _card_notes(source, config, name, missing, source_positions, trained_positio
     else:
         notes = [f"The classifier head is the one of `{name}`."]
     # a source without pattern keys is a dense BERT: unlimited window, every direction on (the legacy defaults too)
-    before = [source.get("attention_window_size"), *(source.get(flag, True) for flag in DIRECTION_FLAGS)]
-    if before != [config.attention_window_size, *config.pattern_flags.values()]:
+    before = [source.get("attention_window_size"), source.get("attention_pattern"),
+              *(source.get(flag, True) for flag in DIRECTION_FLAGS)]
+    if before != [config.attention_window_size, config.attention_pattern, *config.pattern_flags.values()]:
         notes.append("The attention pattern differs from the one the source was trained with: fine-tune before use.")
     if config.max_position_embeddings != source_positions:
         rows = f"first {trained_positions}" if trained_positions else str(source_positions)
@@ -326,11 +376,13 @@ def _card_notes(source, config, name, missing, source_positions, trained_positio
     return notes
 
 
-def _command(src, dst_name, pattern, window, max_positions, trained_positions, score_head=None) -> str:
+def _command(src, dst_name, pattern, window, max_positions, trained_positions, score_head=None, pattern_json=None) -> str:
     """The ``sparse-ce convert`` line that reproduces a conversion (for the model card)."""
     parts = ["sparse-ce", "convert", str(src), dst_name]
     if pattern is not None:
         parts += ["--pattern", pattern]
+    if pattern_json is not None:
+        parts += ["--pattern-json", str(pattern_json)]
     if window != "default":
         parts += ["--window", "none" if window is None else str(window)]
     if score_head is not None:
