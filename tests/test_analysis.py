@@ -1,0 +1,115 @@
+"""``sparse-ce analyze`` end to end on a tiny model and a miniature of the offline data (no timings asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny import make_data_folder, make_model_folder
+
+from configuration_sparse_ce import SEGMENT_NAMES, ablate_pattern
+from sparse_ce.analysis.ablate import holm, paired_p, set_pattern
+from sparse_ce.analysis.directions import GROUPS, all_ablations
+from sparse_ce.analysis.heads import segment_masks
+from sparse_ce.analysis.svd import head_alignment
+from sparse_ce.cli import main
+from sparse_ce.rank.scoring import PairScorer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analysis")
+    model = make_model_folder(root / "model", preset="sparse", window=2, seed=3)
+    return model, make_data_folder(root / "data"), root
+
+
+def test_ablate_writes_every_direction_and_group(setup):
+    model, data, root = setup
+    out = root / "ablate"
+    assert main(["analyze", "ablate", str(model), "--collection", "dl19", "dl20", "--data", str(data), "--depth", "6",
+                 "--output-dir", str(out), "--threads", "1"]) == 0
+    records = json.loads((out / "ablation.json").read_text())
+    assert len(records) == 3 * (25 + len(GROUPS)) == len(all_ablations())
+    for record in records:
+        assert {"from", "to", "layers", "ndcg@10", "delta", "p_holm"} <= set(record)
+        assert record["layers"] in ("all", "lower", "upper") and 0 <= record["p_holm"] <= 1
+    singles = {(r["from"], r["to"], r["layers"]): r for r in records if "group" not in r}
+    assert {(a, b) for a, b, _ in singles} == {(a, b) for a in SEGMENT_NAMES for b in SEGMENT_NAMES}
+    # the sparse pattern already has query -> document off: nothing changes
+    off = singles[("query", "doc", "all")]
+    assert off["unchanged"] and off["delta"] == 0 and off["p"] == 1.0
+    # removing every direction out of documents and [CLS] changes the ranking of a random model
+    assert not singles[("doc", "doc", "all")]["unchanged"]
+    group = next(r for r in records if r.get("group") == "every cross-segment direction" and r["layers"] == "all")
+    assert len(group["from"]) == len(group["to"]) == 20 and "query" in group["from"]
+    summary = json.loads((out / "ablation-summary.json").read_text())
+    assert summary["queries"] == 8 and summary["depth"] == 6
+    table = (out / "ablation.md").read_text()
+    assert "| [CLS] |" in table and "every direction into a [SEP]" in table and "(off)" in table
+    assert (out / "ablation.png").stat().st_size > 10_000
+
+
+def test_ablating_a_direction_the_pattern_lacks_leaves_every_score_unchanged(setup):
+    model, _, _ = setup
+    scorer = PairScorer(str(model), progress=False)
+    queries = ["how long is the flea life cycle", "do goldfish grow", "do goldfish grow"]
+    docs = ["a flea can live up to a year", "goldfish grow fast in water", "the dog and the cat"]
+    base, _ = scorer.score(queries, docs)
+    layers = scorer.model.config.layer_matrices()
+    explicit = {"segments": list(SEGMENT_NAMES), "layers": layers}
+    for src, dst in (("query", "doc"), ("query", "cls"), ("sep1", "sep2"), (["query", "sep1"], ["doc", "sep2", "cls"])):
+        set_pattern(scorer.model, ablate_pattern(explicit, src, dst))
+        assert scorer.score(queries, docs)[0] == base  # computed again, identical
+    set_pattern(scorer.model, ablate_pattern(explicit, "doc", "query"))
+    assert scorer.score(queries, docs)[0] != base
+    set_pattern(scorer.model, None)
+    assert scorer.score(queries, docs)[0] == base
+
+
+def test_holm_and_paired_p():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+    assert paired_p([0.5, 0.4], [0.5, 0.4]) == 1.0
+    assert paired_p([0.6, 0.5], [0.5, 0.4]) == 0.0
+    assert 0 < paired_p([0.6, 0.5, 0.2], [0.5, 0.4, 0.3]) < 1
+
+
+def test_heads_and_svd_end_to_end(setup):
+    model, data, root = setup
+    out = root / "heads"
+    assert main(["analyze", "heads", str(model), "--collection", "dl19", "--data", str(data), "--per-class", "2",
+                 "--output-dir", str(out)]) == 0
+    result = json.loads((out / "heads.json").read_text())
+    assert result["layers"] == 2 and result["heads"] == 4 and all(result["pairs"][c] > 0 for c in ("relevant", "hard", "easy"))
+    query_to_doc = result["statistics"]["query attends to document"]
+    doc_to_query = result["statistics"]["document attends to query"]
+    # the sparse pattern: query tokens never see the document, document tokens do see the query
+    assert all(v == 0 for c in query_to_doc["mass"].values() for row in c for v in row)
+    assert all(0 < v <= 1 for row in doc_to_query["mass"]["relevant"] for v in row)
+    ranking = result["ranking"]["document attends to query"]
+    assert len(ranking) == 8 and ranking[0]["relevant_minus_easy"] >= ranking[-1]["relevant_minus_easy"]
+    assert (out / "heads-document-to-query.png").is_file() and (out / "heads-query-to-document.png").is_file()
+
+    assert main(["analyze", "svd", str(model), "--heads", str(out / "heads.json"), "--output-dir", str(out)]) == 0
+    svd = json.loads((out / "svd.json").read_text())
+    assert len(svd["alignment"]) == 2 and all(-1 <= a <= 1 for row in svd["alignment"] for a in row)
+    assert svd["correlation"]["query attends to document"]["constant_score"]
+    assert -1 <= svd["correlation"]["document attends to query"]["spearman"] <= 1
+    assert (out / "svd.png").is_file()
+
+
+def test_alignment_is_one_for_a_symmetric_head_and_low_for_a_rotating_one():
+    torch.manual_seed(0)
+    w = torch.randn(8, 8)
+    assert head_alignment(w, w, 2) == pytest.approx([1.0, 1.0])
+    swap = torch.cat([w[4:], -w[:4]])  # head 0 keys from head 1's rows and vice versa: unrelated directions
+    assert all(abs(a) < 0.6 for a in head_alignment(w, swap, 2))
+
+
+def test_segment_masks_exclude_special_tokens():
+    ids = torch.tensor([[2, 10, 11, 3, 20, 21, 22, 3, 0], [2, 10, 3, 20, 3, 0, 0, 0, 0]])
+    mask = (ids != 0).long()
+    query, doc = segment_masks(ids, mask, sep_id=3)
+    assert query[0].nonzero().flatten().tolist() == [1, 2] and doc[0].nonzero().flatten().tolist() == [4, 5, 6]
+    assert query[1].nonzero().flatten().tolist() == [1] and doc[1].nonzero().flatten().tolist() == [3]
