@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.getLogger("modeling_sparse_ce").setLevel(logging.ERROR)  # ablations leave the six-flag family on purpose
+    for name in ("modeling_sparse_ce", "transformers_modules"):  # installed or remote code: ablations leave the
+        logging.getLogger(name).setLevel(logging.ERROR)  # six-flag family on purpose, no need to say so per variant
     set_threads(getattr(args, "threads", None))
     if args.analysis == "svd":
         from .svd import run_svd
