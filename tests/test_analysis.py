@@ -113,3 +113,22 @@ def test_segment_masks_exclude_special_tokens():
     query, doc = segment_masks(ids, mask, sep_id=3)
     assert query[0].nonzero().flatten().tolist() == [1, 2] and doc[0].nonzero().flatten().tolist() == [4, 5, 6]
     assert query[1].nonzero().flatten().tolist() == [1] and doc[1].nonzero().flatten().tolist() == [3]
+
+
+def test_heads_and_svd_of_a_plain_bert_cross_encoder_and_ablate_refuses_it(setup, tmp_path):
+    from tiny import TINY_MODEL, make_tokenizer
+    from transformers import BertConfig, BertForSequenceClassification
+
+    _, data, _ = setup
+    tokenizer = make_tokenizer(tmp_path / "bert")
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), num_labels=1, **TINY_MODEL)).save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    out = tmp_path / "out"
+    assert main(["analyze", "heads", str(tmp_path / "bert"), "--collection", "dl19", "--data", str(data),
+                 "--per-class", "1", "--output-dir", str(out)]) == 0
+    result = json.loads((out / "heads.json").read_text())
+    assert all(0 < v <= 1 for row in result["statistics"]["query attends to document"]["mass"]["relevant"] for v in row)
+    assert main(["analyze", "svd", str(tmp_path / "bert"), "--output-dir", str(out)]) == 0
+    assert main(["analyze", "ablate", str(tmp_path / "bert"), "--collection", "dl19", "--data", str(data),
+                 "--output-dir", str(out)]) == 2  # one line: not a sparse-ce model, convert it
