@@ -7,8 +7,8 @@ from .modeling_sparse_ce import (
     SparseCrossEncoderModel,
     SparseCrossEncoderPreTrainedModel,
 )
-from .pattern import AttentionPattern, Segment
-from .segments import SegmentationError, SegmentLayout, build_segment_layout
+from .pattern import AttentionPattern
+from .segments import Segment, SegmentationError, SegmentLayout, build_segment_layout
 
 __all__ = [
     "PRESETS",

@@ -132,3 +132,25 @@ def test_heads_and_svd_of_a_plain_bert_cross_encoder_and_ablate_refuses_it(setup
     assert main(["analyze", "svd", str(tmp_path / "bert"), "--output-dir", str(out)]) == 0
     assert main(["analyze", "ablate", str(tmp_path / "bert"), "--collection", "dl19", "--data", str(data),
                  "--output-dir", str(out)]) == 2  # one line: not a sparse-ce model, convert it
+
+
+def test_a_model_whose_code_ignores_patterns_is_refused_not_silently_unablated(setup, monkeypatch):
+    model, _, _ = setup
+    scorer = PairScorer(str(model), progress=False)
+    old_style = [type("OldPattern", (), {})() for _ in range(2)]  # remote code from before attention_pattern
+    monkeypatch.setattr(scorer.model.bert, "layer_patterns", lambda: old_style)
+    explicit = {"segments": list(SEGMENT_NAMES), "layers": scorer.model.config.layer_matrices()}
+    with pytest.raises(ValueError, match="predates per-layer attention patterns"):
+        set_pattern(scorer.model, ablate_pattern(explicit, "doc", "query"))
+
+
+def test_model_card_of_a_config_from_older_code():
+    from types import SimpleNamespace
+
+    from configuration_sparse_ce import PRESETS
+    from sparse_ce.convert.command import render_model_card
+
+    flags = {k: v for k, v in PRESETS["sparse"].items() if k.endswith("_attention")}
+    old = SimpleNamespace(attention_window_size=4, max_position_embeddings=128, pattern_flags=flags, preset_name="sparse")
+    card = render_model_card(old, "src", None, "m", [], "cmd")  # a config class of remote code from before the field
+    assert "| `doc_query_attention` | on |" in card and "`sparse`" in card

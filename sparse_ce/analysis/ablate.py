@@ -39,6 +39,20 @@ def set_pattern(model, pattern: dict | None) -> None:
     require_sparse_ce(model)
     config = model.config
     config.attention_pattern = None if pattern is None else check_attention_pattern(pattern, config.num_hidden_layers)
+    if pattern is not None and _matrices(model) != config.attention_pattern["layers"]:
+        raise ValueError(
+            f"model: its remote code ({type(model).__module__}) predates per-layer attention patterns and would ignore "
+            "the ablation; save it again with the installed sparse-ce (`sparse-ce convert MODEL NEW_FOLDER`)"
+        )
+
+
+def _matrices(model) -> list | None:
+    """The per-layer matrices the model's own code will use, or ``None`` when its code knows no explicit patterns."""
+    encoder = getattr(model, "bert", model)
+    try:
+        return [pattern.matrix for pattern in encoder.layer_patterns()]
+    except AttributeError:
+        return None
 
 
 def collection_scorer(scorer: PairScorer, collections: list[Collection]):

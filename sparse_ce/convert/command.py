@@ -328,14 +328,14 @@ def render_model_card(
 
 
 def _pattern_name(config: SparseCrossEncoderConfig) -> str:
-    if config.attention_pattern is not None:
+    if getattr(config, "attention_pattern", None) is not None:  # configs of older remote code have no such field
         return "explicit per-layer five-segment pattern (`attention_pattern`)"
     return f"`{config.preset_name}`" if config.preset_name else "custom flags"
 
 
 def _pattern_rows(config: SparseCrossEncoderConfig) -> str:
     """The card's pattern rows: the six flags, or per layer which segments each segment attends to."""
-    if config.attention_pattern is None:
+    if getattr(config, "attention_pattern", None) is None:
         return "\n".join(f"| `{flag}` | {'on' if on else 'off'} |" for flag, on in config.pattern_flags.items())
     rows = []
     for i, matrix in enumerate(config.attention_pattern["layers"]):
@@ -365,7 +365,7 @@ def _card_notes(source, config, name, missing, source_positions, trained_positio
     # a source without pattern keys is a dense BERT: unlimited window, every direction on (the legacy defaults too)
     before = [source.get("attention_window_size"), source.get("attention_pattern"),
               *(source.get(flag, True) for flag in DIRECTION_FLAGS)]
-    if before != [config.attention_window_size, config.attention_pattern, *config.pattern_flags.values()]:
+    if before != [config.attention_window_size, getattr(config, "attention_pattern", None), *config.pattern_flags.values()]:
         notes.append("The attention pattern differs from the one the source was trained with: fine-tune before use.")
     if config.max_position_embeddings != source_positions:
         rows = f"first {trained_positions}" if trained_positions else str(source_positions)
