@@ -154,3 +154,12 @@ def test_model_card_of_a_config_from_older_code():
     old = SimpleNamespace(attention_window_size=4, max_position_embeddings=128, pattern_flags=flags, preset_name="sparse")
     card = render_model_card(old, "src", None, "m", [], "cmd")  # a config class of remote code from before the field
     assert "| `doc_query_attention` | on |" in card and "`sparse`" in card
+
+
+def test_analyze_leaves_logging_levels_as_it_found_them(setup):
+    import logging
+
+    model, _, root = setup
+    before = [logging.getLogger(name).level for name in ("modeling_sparse_ce", "transformers_modules")]
+    assert main(["analyze", "svd", str(model), "--output-dir", str(root / "svd-only")]) == 0
+    assert [logging.getLogger(name).level for name in ("modeling_sparse_ce", "transformers_modules")] == before

@@ -7,6 +7,7 @@ table (ablate) and PNG figures into ``--output-dir``; see :mod:`.ablate`, :mod:`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from pathlib import Path
 
@@ -45,9 +46,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     svd.add_argument("--heads", type=Path, help="heads.json of `analyze heads` for the same model: correlate with it")
 
 
+@contextlib.contextmanager
+def quiet_model_code():
+    """Ablations leave the six-flag family on purpose: silence the model code's per-pattern notice (installed or
+    remote code) while the command runs, and restore the levels afterwards."""
+    loggers = [logging.getLogger(name) for name in ("modeling_sparse_ce", "transformers_modules")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def run(args: argparse.Namespace) -> int:
-    for name in ("modeling_sparse_ce", "transformers_modules"):  # installed or remote code: ablations leave the
-        logging.getLogger(name).setLevel(logging.ERROR)  # six-flag family on purpose, no need to say so per variant
+    with quiet_model_code():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     set_threads(getattr(args, "threads", None))
     if args.analysis == "svd":
         from .svd import run_svd

@@ -66,8 +66,8 @@ def ablation_heatmap(records: list[dict], summary: dict, path: Path) -> None:
     scopes = [s for s in LAYER_RANGES if any(k[2] == s for k in singles)]
     deltas = [r["delta"] for r in singles.values()] or [0.0]
     limit = max(abs(min(deltas)), abs(max(deltas)), 1e-3)
-    fig, axes = plt.subplots(1, len(scopes), figsize=(4.2 * len(scopes), 4.2), squeeze=False)
-    for ax, scope in zip(axes[0], scopes):
+    fig, axes = plt.subplots(1, len(scopes), figsize=(4.2 * len(scopes) + 1.2, 4.4), squeeze=False)
+    for panel, (ax, scope) in enumerate(zip(axes[0], scopes)):
         grid = [[singles[(a, b, scope)]["delta"] if (a, b, scope) in singles else float("nan") for b in SEGMENT_NAMES]
                 for a in SEGMENT_NAMES]
         image = ax.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit)
@@ -78,9 +78,10 @@ def ablation_heatmap(records: list[dict], summary: dict, path: Path) -> None:
                     text = "off" if record["unchanged"] else f"{record['delta']:+.2f}" + ("*" if record["p_holm"] < ALPHA else "")
                     ax.text(j, i, text, ha="center", va="center", fontsize=7)
         ax.set_xticks(range(5), [LABELS[b] for b in SEGMENT_NAMES], rotation=45, ha="right")
-        ax.set_yticks(range(5), [LABELS[a] for a in SEGMENT_NAMES])
+        ax.set_yticks(range(5), [LABELS[a] for a in SEGMENT_NAMES] if panel == 0 else [])
         ax.set_xlabel("attended (keys)")
-        ax.set_ylabel("attending (rows)")
+        if panel == 0:
+            ax.set_ylabel("attending (rows)")
         ax.set_title(f"{scope} layers")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="Δ nDCG@10")
     fig.suptitle(f"Ablating one direction (unablated nDCG@10 {summary['ndcg@10']:.3f})")
