@@ -73,7 +73,10 @@ def _run(args: argparse.Namespace) -> int:
 
         result = run_svd(_load(args.model), args.output_dir, args.heads)
         for direction, corr in result["correlation"].items():
-            print(f"{direction}: Spearman {corr['spearman']:+.3f}, Pearson {corr['pearson']:+.3f}")
+            if corr["constant_score"]:
+                print(f"{direction}: no correlation (the matching score is the same for every head)")
+            else:
+                print(f"{direction}: Spearman {corr['spearman']:+.3f}, Pearson {corr['pearson']:+.3f}")
         print(f"svd.json{' and svd.png' if args.heads else ''} in {args.output_dir}")
         return 0
     depth = getattr(args, "depth", 100)

@@ -108,11 +108,14 @@ def heads_heatmap(difference: list[list[float]], title: str, path: Path, label: 
 def svd_scatter(panels: list[tuple[str, list[float], list[float], float]], path: Path) -> None:
     """One scatter per panel: (title, alignment per head, matching score per head, Spearman rho)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
-    for ax, (title, alignment, score, rho) in zip(axes[0], panels):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4), squeeze=False)
+    for panel, (ax, (title, alignment, score, rho)) in enumerate(zip(axes[0], panels)):
         ax.scatter(alignment, score, s=14)
         ax.set_xlabel("SVD alignment Σσ(u·v)/Σσ")
-        ax.set_ylabel("matching score (relevant − easy)")
-        ax.set_title(f"{title}\nSpearman ρ = {rho:+.2f}", fontsize=9)
+        if panel == 0:
+            ax.set_ylabel("matching score: max attention, relevant − easy")
+        rho_text = "undefined (the score is constant)" if rho != rho else f"{rho:+.2f}"
+        ax.set_title(f"{title}\nSpearman ρ = {rho_text}", fontsize=9)
+    fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
