@@ -242,11 +242,19 @@ def test_per_layer_flag_patterns_keep_the_fast_path_and_match_dense(caplog):
 
 
 def test_auto_runs_other_patterns_dense_with_one_line_and_explicit_fast_backends_raise(caplog):
+    import transformers
+
     pattern = ablate_pattern(named_pattern("sparse", 2), "sep1", "query", layers=[1])  # [SEP]1 no longer a query token
     config = config_with(pattern, 2)
-    with caplog.at_level(logging.WARNING):
-        auto = logits_of(config, "auto")
-        logits_of(config, "auto")
+    # warning_once remembers messages per process: an earlier test may have logged this one already
+    getattr(logging.Logger.warning_once, "cache_clear", lambda: None)()
+    transformers.logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            auto = logits_of(config, "auto")
+            logits_of(config, "auto")
+    finally:
+        transformers.logging.disable_propagation()
     assert sum("outside the six-flag family" in r.getMessage() for r in caplog.records) == 1
     assert "layers [1]" in caplog.text
     torch.testing.assert_close(auto, logits_of(config, "dense"), rtol=1e-5, atol=1e-5)  # layer 0: the fast path
