@@ -150,12 +150,7 @@ def kernel_supports(module, device: torch.device) -> bool:
 
 def pattern_flags(pattern: AttentionPattern) -> int:
     """The op's direction bitmask: bit ``i`` is flag ``i`` of ``DIRECTION_FLAGS``; six-flag patterns only."""
-    flags = pattern.six_flags
-    if flags is None:
-        raise ValueError(
-            f"kernel backend: the pattern {pattern.matrix} is not one of the six-flag family ([SEP]1 as query, "
-            "[SEP]2 as document); use attention_backend='dense' or 'auto'"
-        )
+    flags = pattern.require_flag_family("kernel backend: ")
     return sum(1 << bit for bit, flag in enumerate(DIRECTION_FLAGS) if flags[flag])
 
 

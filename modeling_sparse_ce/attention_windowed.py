@@ -51,11 +51,7 @@ def windowed_attention(
 
 
 def _check_supported(pattern: AttentionPattern, layout: SegmentLayout) -> None:
-    if not pattern.in_flag_family:
-        raise ValueError(
-            f"windowed backend: the pattern {pattern.matrix} is not one of the six-flag family ([SEP]1 as query, "
-            "[SEP]2 as document); use attention_backend='dense' or 'auto'"
-        )
+    pattern.require_flag_family("windowed backend: ")
     if layout.shares_queries and not pattern.query_is_independent:
         raise ValueError("windowed backend: rows share a query although the query attends to [CLS] or the document")
 

@@ -12,6 +12,7 @@ table. This module owns patterns and the dense boolean mask built from them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -66,9 +67,9 @@ class AttentionPattern:
     def matrix(self) -> list[list[int]]:
         return [[int(cell) for cell in row] for row in self.allowed]
 
-    @property
+    @cached_property
     def six_flags(self) -> dict[str, bool] | None:
-        """The six flags when this pattern is in the flag family, else ``None``."""
+        """The six flags when this pattern is in the flag family, else ``None`` (computed once per pattern)."""
         flags = {}
         for flag in DIRECTION_FLAGS:
             src, dst = flag_direction(flag)
@@ -79,6 +80,15 @@ class AttentionPattern:
     def in_flag_family(self) -> bool:
         """Whether the windowed backend and the kernel can run this pattern."""
         return self.six_flags is not None
+
+    def require_flag_family(self, where: str) -> dict[str, bool]:
+        """The six flags, or a ValueError starting with ``where`` for a pattern only the dense backend runs."""
+        if self.six_flags is None:
+            raise ValueError(
+                f"{where}the pattern {self.matrix} is not one of the six-flag family ([SEP]1 as query, [SEP]2 as "
+                "document); use attention_backend='dense' or 'auto'"
+            )
+        return self.six_flags
 
     @property
     def query_is_independent(self) -> bool:

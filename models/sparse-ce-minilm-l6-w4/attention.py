@@ -42,7 +42,6 @@ def resolve_backend(
     its one-warp-per-row design scans those serially, see ``kernel_src/cuda/NOTES.md``); else windowed. An explicit
     backend that cannot honour the pattern raises.
     """
-    where = f"layer {layer}: " if layer is not None else ""
     if name == "auto":
         if output_attentions or pattern.is_full or not pattern.in_flag_family:
             return "dense"
@@ -51,9 +50,6 @@ def resolve_backend(
         return "windowed"
     if name not in ATTENTION_FUNCTIONS:
         raise ValueError(f"attention_backend: unknown backend {name!r}; choose 'auto' or one of {sorted(ATTENTION_FUNCTIONS)}")
-    if name in ("windowed", "kernel") and not pattern.in_flag_family:
-        raise ValueError(
-            f"attention_backend={name!r}: {where}the pattern {pattern.matrix} is not one of the six-flag family "
-            "([SEP]1 as query, [SEP]2 as document); only 'dense' (or 'auto') runs it"
-        )
+    if name in ("windowed", "kernel"):
+        pattern.require_flag_family(f"attention_backend={name!r}: " + (f"layer {layer}: " if layer is not None else ""))
     return name

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from configuration_sparse_ce import SEGMENT_NAMES, check_attention_pattern
+from configuration_sparse_ce import SEGMENT_NAMES, ablate_pattern
 
 LABELS = {"cls": "[CLS]", "query": "query", "sep1": "[SEP]1", "doc": "document", "sep2": "[SEP]2"}
 """Readable names of the segments."""
@@ -61,11 +61,10 @@ class Ablation:
 
     def apply(self, matrices: list[list[list[int]]]) -> dict:
         """The ``attention_pattern`` of ``matrices`` (one 5x5 per layer) with :attr:`pairs` off in :attr:`layers`."""
-        out = [[row[:] for row in matrix] for matrix in matrices]
-        for layer in layers_of(self.layers, len(matrices)):
-            for a, b in self.pairs:
-                out[layer][SEGMENT_NAMES.index(a)][SEGMENT_NAMES.index(b)] = 0
-        return check_attention_pattern({"segments": list(SEGMENT_NAMES), "layers": out}, len(matrices))
+        pattern = {"segments": list(SEGMENT_NAMES), "layers": matrices}
+        for a, b in self.pairs:  # pairs, not a product of sources and targets: one ablate_pattern call each
+            pattern = ablate_pattern(pattern, a, b, layers_of(self.layers, len(matrices)))
+        return pattern
 
     def record(self) -> dict:
         """``from`` / ``to`` (names, or parallel lists for a group), ``layers`` and ``group`` of a result record."""

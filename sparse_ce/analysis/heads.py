@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from modeling_sparse_ce.segments import Segment, build_segment_layout
+
 from ..data.collections import Collection
 from .report import heads_heatmap
 
@@ -52,13 +54,10 @@ def sample_pairs(collections: list[Collection], per_class: int, seed: int = 0) -
 
 
 def segment_masks(input_ids: torch.Tensor, attention_mask: torch.Tensor, sep_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query-token and document-token masks ``[batch, seq]`` of ``[CLS] q [SEP] d [SEP]`` rows."""
-    seps = (input_ids == sep_id) & attention_mask.bool()
-    order = torch.cumsum(seps.long(), 1)  # 0 before [SEP]1, 1 between, 2 from [SEP]2 on
-    positions = torch.arange(input_ids.shape[1])[None, :]
-    query = (order == 0) & (positions > 0)
-    doc = (order == 1) & ~seps & attention_mask.bool()
-    return query, doc
+    """Query-token and document-token masks ``[batch, seq]`` of ``[CLS] q [SEP] d [SEP]`` rows (segments as the
+    model finds them; [CLS] and the [SEP]s in neither)."""
+    segment_ids = build_segment_layout(input_ids, attention_mask, sep_token_id=sep_id, share_query=False).segment_ids
+    return segment_ids == Segment.QUERY, segment_ids == Segment.DOC
 
 
 def head_statistics(weights: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
