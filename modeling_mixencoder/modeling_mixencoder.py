@@ -1,0 +1,347 @@
+"""MixEncoder: candidates pre-computed into k context embeddings, the query encoded once, light cross-attention.
+
+Wang et al.: "Once is Enough: A Lightweight Cross-Attention for Fast Sentence Pair Modeling", Sections 3.1-3.2.
+The encoder is Hugging Face BERT, run on the query alone and on the candidate alone; at each interaction layer the
+candidates' context embeddings ``E`` attend over [their own keys; the query's keys] (Eq. 1) and a candidate-aware
+query state ``H`` is updated by a gate from the attention of the pooled candidate over the query (Eq. 2). Every
+attention below goes through :func:`attend`, and scores from a candidate store and from ``[CLS] q [SEP] d [SEP]``
+rows go through the same :meth:`MixEncoderForSequenceClassification.score_candidates`.
+
+Departures from the paper, so that an untrained model equals the dual encoder with the same weights (a budget of
+a few CPU hours cannot re-learn what the bi-encoder knows): ``H_0`` is the mean-pooled query instead of zeros, and
+the output projections of both updates start at zero, so the updates begin as no-ops and are learned.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn import BCEWithLogitsLoss, MSELoss
+from transformers import BertModel, BertPreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from .configuration_mixencoder import MixEncoderConfig
+
+try:  # Hub folder: segments.py is a flat sibling
+    from .segments import SegmentLayout, build_segment_layout
+except ImportError:  # installed package: the sparse cross-encoder's package owns the segments
+    from modeling_sparse_ce.segments import SegmentLayout, build_segment_layout
+
+AUTO_MAP = {
+    "AutoConfig": "modeling_mixencoder.MixEncoderConfig",
+    "AutoModelForSequenceClassification": "modeling_mixencoder.MixEncoderForSequenceClassification",
+}
+"""``auto_map`` of a Hub folder (config class named through this module, as for the sparse cross-encoder)."""
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Scaled dot-product attention; the one attention function of the MixEncoder's own layers.
+
+    Args:
+        query: ``[n, heads, lq, dim]``; key, value: ``[n, heads, lk, dim]``.
+        key_mask: ``[n, lk]`` bool, True on keys that may be attended.
+        scaling: Score scale.
+
+    Returns:
+        ``[n, heads, lq, dim]``.
+    """
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask[:, None, None, :], scale=scaling)
+
+
+@dataclass
+class QueryStates:
+    """What the interaction layers need of encoded queries.
+
+    Attributes:
+        keys, values: One ``[queries, tokens, heads, dim]`` tensor per interaction layer (the layer's own key and
+            value projections of the query's input states there).
+        mask: ``[queries, tokens]`` bool, True on real tokens.
+        pooled: ``[queries, hidden]`` mean of the final states: ``H_0`` and the dual encoder's query vector.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor
+    pooled: torch.Tensor
+
+
+class ZeroLinear(nn.Linear):
+    """A linear layer initialised to zero: an update that starts as a no-op."""
+
+
+class ContextCompressor(nn.Module):
+    """Section 3.1: a candidate's encoder states into ``k`` context embeddings (S- or C-strategy)."""
+
+    def __init__(self, config: MixEncoderConfig) -> None:
+        super().__init__()
+        self.strategy = config.context_strategy
+        # S: input embeddings of k special tokens; C: k context codes (Humeau et al., poly-encoders)
+        self.vectors = nn.Parameter(torch.zeros(config.num_context, config.hidden_size))
+        self.scaling = config.hidden_size**-0.5
+
+    def forward(self, bert: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # input_ids, attention_mask: [n, len] of "[CLS] d [SEP]" rows -> E: [n, k, hidden]
+        mask = attention_mask.bool()
+        n, k = input_ids.shape[0], self.vectors.shape[0]
+        if self.strategy == "S":  # k special tokens take [CLS]'s place
+            words = bert.embeddings.word_embeddings(input_ids[:, 1:])
+            embeds = torch.cat([self.vectors[None].expand(n, -1, -1).to(words.dtype), words], 1)
+            full_mask = torch.cat([mask.new_ones(n, k), mask[:, 1:]], 1)
+            states = bert(inputs_embeds=embeds, attention_mask=full_mask.long(), token_type_ids=torch.zeros_like(full_mask, dtype=torch.long)).last_hidden_state
+            return states[:, :k]
+        states = bert(input_ids=input_ids, attention_mask=mask.long(), token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+        codes = self.vectors[None, None].expand(n, 1, -1, -1).to(states.dtype)  # [n, 1 head, k, hidden]
+        out = attend(codes, states[:, None], states[:, None], mask, self.scaling)
+        return out[:, 0]
+
+
+class InteractionLayer(nn.Module):
+    """One interaction layer: Eq. 1 (E attends over [E; query]) and Eq. 2 (gated update of H)."""
+
+    def __init__(self, config: MixEncoderConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = d // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.candidate_query, self.candidate_key, self.candidate_value = (nn.Linear(d, d) for _ in range(3))
+        self.candidate_output = ZeroLinear(d, d)
+        self.compress_query = nn.Linear(d, d)
+        self.query_output = ZeroLinear(d, d)
+        self.gate = nn.Linear(3 * d, d)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # [n, len, hidden] -> [n, heads, len, dim]
+
+    def forward(self, context, state, query_key, query_value, query_mask):
+        # context E: [n, k, hidden]; state H: [n, hidden]; query_key/value: [n, tokens, heads, dim]; query_mask: [n, tokens]
+        n, k, _ = context.shape
+        key_q, value_q = query_key.transpose(1, 2), query_value.transpose(1, 2)  # [n, heads, tokens, dim]
+        keys = torch.cat([self.heads(self.candidate_key(context)), key_q], 2)
+        values = torch.cat([self.heads(self.candidate_value(context)), value_q], 2)
+        mask = torch.cat([query_mask.new_ones(n, k), query_mask], 1)
+        mixed = attend(self.heads(self.candidate_query(context)), keys, values, mask, self.scaling)  # Eq. 1
+        new_context = context + self.dropout(self.candidate_output(mixed.transpose(1, 2).flatten(-2)))
+        pooled = context.mean(1)  # Q* from E_{j-1}
+        summary = attend(self.heads(self.compress_query(pooled)[:, None]), key_q, value_q, query_mask, self.scaling)
+        delta = self.dropout(self.query_output(summary.transpose(1, 2).flatten(-2)[:, 0]))
+        gate = torch.sigmoid(self.gate(torch.cat([pooled, delta, state], -1)))  # Eq. 2
+        return new_context, state + gate * delta
+
+
+class MixEncoderPreTrainedModel(BertPreTrainedModel):
+    """Weight init and loading of BERT, plus a ``save_pretrained`` that writes a self-contained Hub folder."""
+
+    config_class = MixEncoderConfig
+    base_model_prefix = "bert"
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, ZeroLinear):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, ContextCompressor):
+            init.normal_(module.vectors, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, CosineHead):
+            init.constant_(module.scale, self.config.cosine_scale)
+            init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """Save weights and config, and copy the remote code flat beside them with a complete ``auto_map``."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            for path in remote_code_files():
+                target = Path(save_directory) / path.name
+                if target.resolve() != path:
+                    shutil.copyfile(path, target)
+            config_file = Path(save_directory) / "config.json"
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            if config.get("auto_map") != AUTO_MAP:
+                config["auto_map"] = dict(AUTO_MAP)
+                config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def remote_code_files() -> list[Path]:
+    """The Python files a MixEncoder Hub folder needs: this package's modules and the segments module."""
+    here = Path(__file__).resolve().parent
+    files = [p for p in sorted(here.glob("*.py")) if p.name != "__init__.py"]
+    segments = Path(sys.modules[SegmentLayout.__module__].__file__).resolve()
+    return files + ([segments] if segments not in files else [])
+
+
+class CosineHead(nn.Module):
+    """Section 3.2: ``scale * cos(e, h) + bias``."""
+
+    def __init__(self, config: MixEncoderConfig) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((1,), float(config.cosine_scale)))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, candidate: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(candidate.dtype, torch.float32)  # at least float32 under bf16 autocast
+        return (self.scale * torch.cosine_similarity(candidate.to(dtype), query.to(dtype), dim=-1) + self.bias)[:, None]
+
+
+class ClassifierHead(nn.Module):
+    """Section 3.2's alternative: a linear layer on ``[e; h]``."""
+
+    def __init__(self, config: MixEncoderConfig) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.linear = nn.Linear(2 * config.hidden_size, config.num_labels)
+
+    def forward(self, candidate: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(torch.cat([candidate, query], -1)))
+
+
+class MixEncoderForSequenceClassification(MixEncoderPreTrainedModel):
+    """One logit per ``[CLS] q [SEP] d [SEP]`` row (what ``CrossEncoder`` feeds), or per stored candidate.
+
+    Pair rows are split into the query (encoded once per distinct query of the batch) and the candidate (encoded
+    alone, as a store would have it), so both routes compute the same numbers.
+    """
+
+    def __init__(self, config: MixEncoderConfig) -> None:
+        super().__init__(config)
+        config.validate_mixencoder()
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.context = ContextCompressor(config)
+        self.interaction = nn.ModuleList(InteractionLayer(config) for _ in config.interaction_layer_indices())
+        self.classifier = CosineHead(config) if config.score_head == "cosine" else ClassifierHead(config)
+        self.post_init()
+
+    def init_from_encoder(self) -> None:
+        """Copy the encoder's weights into the new parts, as the paper does (call after loading BERT weights).
+
+        Each interaction layer's candidate and compress projections start as its encoder layer's query/key/value
+        projections; S-strategy special tokens start at the [CLS] embedding (plus the init noise that tells them
+        apart). The output projections stay zero, so the model still scores as the dual encoder.
+        """
+        with torch.no_grad():
+            for index, layer in zip(self.config.interaction_layer_indices(), self.interaction):
+                source = self.bert.encoder.layer[index].attention.self
+                for target, origin in (
+                    (layer.candidate_query, source.query), (layer.candidate_key, source.key),
+                    (layer.candidate_value, source.value), (layer.compress_query, source.query),
+                ):
+                    target.load_state_dict(origin.state_dict())
+            if self.config.context_strategy == "S":
+                cls_id = self.config.cls_token_id if getattr(self.config, "cls_token_id", None) is not None else 101
+                self.context.vectors.add_(self.bert.embeddings.word_embeddings.weight[cls_id])
+
+    # ---- the two offline/online halves -------------------------------------------------------------------------
+
+    def encode_queries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids=None) -> QueryStates:
+        """Encode ``[CLS] q [SEP]`` rows once: per interaction layer their keys and values, and their mean state.
+
+        ``token_type_ids`` is accepted so that a tokenizer's output can be passed as is; a single text is type 0.
+        """
+        out = self.bert(
+            input_ids=input_ids, attention_mask=attention_mask.long(), token_type_ids=torch.zeros_like(input_ids),
+            output_hidden_states=True,
+        )
+        mask = attention_mask.bool()
+        keys, values = [], []
+        for index in self.config.interaction_layer_indices():
+            attention = self.bert.encoder.layer[index].attention.self
+            hidden = out.hidden_states[index]  # the input of layer ``index``
+            keys.append(attention.key(hidden).unflatten(-1, (self.config.num_attention_heads, -1)))
+            values.append(attention.value(hidden).unflatten(-1, (self.config.num_attention_heads, -1)))
+        return QueryStates(keys, values, mask, masked_mean(out.last_hidden_state, mask))
+
+    def encode_candidates(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids=None) -> torch.Tensor:
+        """Context embeddings ``E`` ``[n, k, hidden]`` of ``[CLS] d [SEP]`` rows: what a candidate store holds."""
+        return self.context(self.bert, input_ids, attention_mask)
+
+    def score_candidates(self, queries: QueryStates, context: torch.Tensor, row_to_query: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[n, num_labels]`` of candidates ``context`` ``[n, k, hidden]`` against ``queries``.
+
+        Args:
+            row_to_query: ``[n]`` index of each candidate's query in ``queries``; ``None``: one query for all.
+        """
+        n = context.shape[0]
+        if row_to_query is None:
+            if queries.mask.shape[0] != 1:
+                raise ValueError(f"row_to_query: needed for {queries.mask.shape[0]} queries")
+            row_to_query = torch.zeros(n, dtype=torch.long, device=context.device)
+        mask = queries.mask[row_to_query]
+        state = queries.pooled[row_to_query].to(context.dtype)  # H_0
+        for layer, key, value in zip(self.interaction, queries.keys, queries.values):
+            context, state = layer(context, state, key[row_to_query].to(context.dtype), value[row_to_query].to(context.dtype), mask)
+        return self.classifier(context.mean(1), state)
+
+    # ---- pair rows (CrossEncoder) -----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput | tuple:
+        if input_ids is None:
+            raise ValueError("input_ids: required ([CLS] query [SEP] candidate [SEP] rows)")
+        layout = build_segment_layout(
+            input_ids, attention_mask, token_type_ids, self.config.sep_token_id, True,
+            pad_token_id=self.config.pad_token_id, cls_token_id=getattr(self.config, "cls_token_id", None),
+        )
+        query_ids, query_mask = split_queries(input_ids, layout, self.config)
+        candidate_ids, candidate_mask = split_candidates(input_ids, layout, self.config)
+        queries = self.encode_queries(query_ids, query_mask)
+        logits = self.score_candidates(queries, self.encode_candidates(candidate_ids, candidate_mask), layout.row_to_query)
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                loss = MSELoss()(logits.squeeze(-1), labels.to(logits.dtype).view(-1))
+            else:
+                loss = BCEWithLogitsLoss()(logits, labels.to(logits.dtype))
+        output = SequenceClassifierOutput(loss=loss, logits=logits)
+        return output if return_dict is not False else output.to_tuple()
+
+
+def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens (sentence-transformers' mean pooling): ``[n, len, hidden]`` -> ``[n, hidden]``."""
+    weights = mask.to(states.dtype)[..., None]
+    return (states * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def truncate_rows(ids: torch.Tensor, lengths: torch.Tensor, max_length: int, sep_id: int, pad_id: int):
+    """Cut ``[CLS] ... [SEP]`` rows to ``max_length`` tokens keeping the final [SEP], as a tokenizer truncates."""
+    cut = lengths > max_length
+    lengths = lengths.clamp(max=max_length)
+    ids = ids[:, : max(int(lengths.max()), 1)].clone()
+    if bool(cut.any()):
+        ids[cut, max_length - 1] = sep_id
+    mask = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
+    return ids.masked_fill(~mask, pad_id), mask
+
+
+def split_queries(input_ids: torch.Tensor, layout: SegmentLayout, config: MixEncoderConfig):
+    """The distinct queries of pair rows as ``[CLS] q [SEP]`` rows: ids and mask ``[queries, len]``."""
+    lengths = layout.query_lengths + 1  # [CLS] + query + [SEP]1
+    return truncate_rows(input_ids[layout.query_rows], lengths, config.max_query_length, config.sep_token_id, config.pad_token_id)
+
+
+def split_candidates(input_ids: torch.Tensor, layout: SegmentLayout, config: MixEncoderConfig):
+    """Each pair row's candidate as a ``[CLS] d [SEP]`` row: ids and mask ``[rows, len]``."""
+    start = 1 + layout.query_lengths[layout.row_to_query]  # first document token
+    width = int(layout.doc_lengths.max())
+    index = (start[:, None] + torch.arange(width, device=input_ids.device)[None]).clamp(max=input_ids.shape[1] - 1)
+    docs = torch.gather(input_ids, 1, index)
+    cls = input_ids[:, :1]  # every row starts with [CLS]
+    return truncate_rows(torch.cat([cls, docs], 1), layout.doc_lengths + 1, config.max_candidate_length, config.sep_token_id, config.pad_token_id)
