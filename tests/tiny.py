@@ -53,6 +53,36 @@ def make_model_folder(folder: Path, preset: str = "sparse", window=2, seed: int 
     return folder
 
 
+def make_bert_folder(folder: Path, seed: int = 0, **overrides) -> Path:
+    """Save a randomly initialised tiny plain BERT encoder (a bi-encoder's checkpoint) with its tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    tokenizer = make_tokenizer(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(**{**TINY_MODEL, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, **overrides})
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_mixencoder_folder(folder: Path, k: int = 2, strategy: str = "C", layers=(0, 1), seed: int = 0, noise: float = 0.05) -> Path:
+    """A tiny MixEncoder converted from a tiny BERT; ``noise`` perturbs every weight so that the interaction layers
+    (zero-initialised output projections) take part."""
+    from modeling_mixencoder import MixEncoderForSequenceClassification
+    from sparse_ce.precompute.convert import convert_mixencoder
+
+    convert_mixencoder(make_bert_folder(folder.parent / f"{folder.name}-bert", seed), folder, num_context=k,
+                       strategy=strategy, interaction_layers=list(layers), overwrite=True)
+    if noise:
+        model = MixEncoderForSequenceClassification.from_pretrained(folder)
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(noise * torch.randn(parameter.shape, generator=generator))
+        model.save_pretrained(folder)
+    return folder
+
+
 TOPICS = {
     "101": "how long is the life cycle of a flea",
     "102": "do goldfish grow",

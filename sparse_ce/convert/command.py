@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
 
 from configuration_sparse_ce import DIRECTION_FLAGS, PRESETS, SCORE_HEADS, SEGMENT_NAMES, SparseCrossEncoderConfig
 from modeling_sparse_ce import SparseCrossEncoderForSequenceClassification
+from ..cli import UsageError
 from .positions import extend_position_embeddings
 
 logger = logging.getLogger(__name__)
@@ -72,10 +73,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trained-positions", type=int, help="interpolate over the first K rows only")
     parser.add_argument("--model-id", help="Hub id for the model card's usage snippets (default: the DST folder name)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
+    mix = parser.add_argument_group("--arch mixencoder (pre-computed candidates, docs/precompute.md)")
+    mix.add_argument("--arch", choices=["sparse-ce", "mixencoder"], default="sparse-ce",
+                     help="sparse cross-encoder (default) or MixEncoder (Wang et al., 'Once is Enough')")
+    mix.add_argument("--k", type=int, default=1, help="context embeddings per candidate")
+    mix.add_argument("--strategy", choices=["S", "C"], default="C",
+                     help="S: k special tokens prepended; C: k context codes attending over the outputs")
+    mix.add_argument("--interaction-layers", type=int, nargs="+", metavar="LAYER",
+                     help="0-based layers where candidates attend over the query (default: the last)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``sparse-ce convert`` from parsed arguments."""
+    if args.arch == "mixencoder":
+        sparse_only = [f"--{n.replace('_', '-')}" for n in ("pattern", "pattern_json", "score_head", "max_positions")
+                       if getattr(args, n) is not None] + (["--window"] if args.window != "default" else [])
+        if sparse_only:
+            raise UsageError(f"{', '.join(sparse_only)}: options of sparse cross-encoders, not of --arch mixencoder")
+        from ..precompute.convert import convert_mixencoder
+
+        convert_mixencoder(args.src, args.dst, num_context=args.k, strategy=args.strategy,
+                           interaction_layers=args.interaction_layers, overwrite=args.overwrite, model_id=args.model_id)
+        return 0
     convert(
         args.src, args.dst, pattern=args.pattern, window=args.window, max_positions=args.max_positions,
         trained_positions=args.trained_positions, model_id=args.model_id, overwrite=args.overwrite,

@@ -1,0 +1,105 @@
+"""``sparse-ce convert --arch mixencoder``: a BERT checkpoint into a MixEncoder Hub folder.
+
+Wang et al.: "Once is Enough: A Lightweight Cross-Attention for Fast Sentence Pair Modeling", Section 3. The BERT
+encoder is kept as it is; the context compressor, the interaction layers (their projections copied from the
+encoder's layers, as the paper's code does) and the score head are new, and the untrained model scores as the dual
+encoder with the same weights (see :mod:`modeling_mixencoder.modeling_mixencoder`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from modeling_mixencoder import MixEncoderConfig, MixEncoderForSequenceClassification
+
+logger = logging.getLogger(__name__)
+
+NEW_PARTS = re.compile(r"^(context|interaction|classifier)\.")
+"""Keys a BERT source lacks: initialised by the conversion."""
+
+DROPPED = re.compile(r"(^|\.)(pooler|embeddings\.position_ids|embeddings\.token_type_ids)(\.|$)|^cls\.|^classifier\.")
+"""Source keys a MixEncoder does not use: BERT's pooler, index buffers, pre-training and classification heads."""
+
+
+def convert_mixencoder(
+    src: str | Path,
+    dst: str | Path,
+    num_context: int = 1,
+    strategy: str = "C",
+    interaction_layers: list[int] | None = None,
+    score_head: str = "cosine",
+    overwrite: bool = False,
+    model_id: str | None = None,
+) -> Path:
+    """Write a MixEncoder folder made from the BERT checkpoint ``src`` (folder or Hub id).
+
+    Raises:
+        ValueError: a non-BERT source, bad settings, or encoder weights that did not load.
+        FileExistsError: ``dst`` is not empty and ``overwrite`` is false.
+    """
+    from sparse_ce.convert.command import load_tokenizer, resolve_source
+
+    folder, hub_id = resolve_source(src)
+    dst = Path(dst)
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"dst: {dst} is not empty; pass overwrite=True (--overwrite) to write into it")
+    source = json.loads((folder / "config.json").read_text())
+    if source.get("model_type") not in ("bert", MixEncoderConfig.model_type):
+        raise ValueError(f"src: model_type {source.get('model_type')!r}; a MixEncoder is made from a BERT checkpoint")
+    fields = {k: v for k, v in source.items() if k not in ("id2label", "label2id", "num_labels", "auto_map", "architectures", "model_type")}
+    fields.update(
+        num_context=num_context, context_strategy=strategy, interaction_layers=interaction_layers,
+        score_head=score_head, num_labels=1,
+    )
+    config = MixEncoderConfig(**fields)
+    tokenizer = load_tokenizer(folder)
+    config.sep_token_id, config.pad_token_id, config.cls_token_id = tokenizer.sep_token_id, tokenizer.pad_token_id, tokenizer.cls_token_id
+    model, info = MixEncoderForSequenceClassification.from_pretrained(folder, config=config, output_loading_info=True)
+    missing = sorted(k for k in info["missing_keys"] if not NEW_PARTS.search(k))
+    unexpected = sorted(k for k in info["unexpected_keys"] if not DROPPED.search(k))
+    if missing or unexpected or info["mismatched_keys"]:
+        raise ValueError(
+            f"weights: {folder} does not load as a BERT encoder (missing: {missing}, unexpected: {unexpected}, "
+            f"mismatched: {info['mismatched_keys']})"
+        )
+    if source.get("model_type") == "bert":
+        model.init_from_encoder()
+    tokenizer.model_max_length = config.max_query_length + config.max_candidate_length  # pairs are split, then cut
+    model.save_pretrained(dst)
+    tokenizer.save_pretrained(dst)
+    (dst / "README.md").write_text(model_card(config, hub_id or str(src), model_id or dst.name), encoding="utf-8")
+    logger.info("converted %s -> %s: MixEncoder k=%d strategy=%s interaction layers %s", src, dst, num_context, strategy,
+                config.interaction_layer_indices())
+    return dst
+
+
+def model_card(config: MixEncoderConfig, source: str, name: str) -> str:
+    """A short card: what the model is, how it was made, how to use it."""
+    return f"""---
+library_name: sentence-transformers
+pipeline_tag: text-ranking
+tags: [cross-encoder, mixencoder, sparse-ce]
+---
+
+# {name}
+
+A MixEncoder ("Once is Enough: A Lightweight Cross-Attention for Fast Sentence Pair Modeling", Wang et al.) made
+from `{source}` by `sparse-ce convert {source} {name} --arch mixencoder --k {config.num_context} --strategy
+{config.context_strategy} --interaction-layers {' '.join(map(str, config.interaction_layer_indices()))}`.
+Candidates are encoded alone into {config.num_context} context embedding(s) ({config.context_strategy}-strategy), the
+query once; interaction at layer(s) {config.interaction_layer_indices()}; score head `{config.score_head}`.
+
+Untrained interaction layers start as no-ops: the model then scores as the dual encoder with the same weights.
+
+```python
+from sentence_transformers import CrossEncoder
+model = CrossEncoder("{name}", trust_remote_code=True)
+scores = model.predict([("query", "passage one"), ("query", "passage two")])
+```
+
+Pre-compute a corpus once and score from the store: `sparse-ce index {name} --corpus FILE --output STORE`, then
+`sparse-ce rerank --model {name} --index STORE ...` (see the sparse-ce README, docs/precompute.md).
+"""
