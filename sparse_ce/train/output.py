@@ -56,5 +56,11 @@ def write_card(output: Path, config, record: dict, model_id: str, extra: list[st
     if record.get("test"):
         lines.append(evaluation.markdown_single(record["test"], record["eval_depth"], record["eval_queries"]))
     lines += extra or []
-    card = render_model_card(config, record["init"], record.get("base_model"), model_id, lines, record["command"])
+    if getattr(config, "model_type", None) == "sparse_ce_mixencoder":
+        from ..precompute.convert import model_card
+
+        card = model_card(config, record["init"], model_id) + "\n## Training\n\n" + "\n\n".join(
+            [*lines, f"```bash\n{record['command']}\n```"]) + "\n"
+    else:
+        card = render_model_card(config, record["init"], record.get("base_model"), model_id, lines, record["command"])
     (output / "README.md").write_text(card, encoding="utf-8")
