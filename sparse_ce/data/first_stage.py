@@ -21,10 +21,11 @@ import ir_measures
 
 
 class Candidate(NamedTuple):
-    """A first-stage result: document id, document text and first-stage score."""
+    """A first-stage result: document id, document text (``None`` when unknown: scored from a candidate store) and
+    first-stage score."""
 
     docid: str
-    text: str
+    text: str | None
     score: float
 
 
@@ -236,14 +237,15 @@ def read_corpus(path: str | Path, docids: set[str]) -> dict[str, str]:
 
 
 def read_run_first_stage(
-    run: str | Path, topics: str | Path, corpus: str | Path, fix_text: bool = False, limit: int | None = None
+    run: str | Path, topics: str | Path, corpus: str | Path | None, fix_text: bool = False, limit: int | None = None
 ) -> FirstStage:
     """Read a first stage from a TREC run, a topics file and a corpus (see :func:`iter_corpus`).
 
     Args:
         run: TREC run file.
         topics: Topics file (see :func:`read_topics`).
-        corpus: Corpus file; only the documents the (limited) run names are kept.
+        corpus: Corpus file; only the documents the (limited) run names are kept. ``None``: candidates without text
+            (for a MixEncoder candidate store, which holds them encoded).
         fix_text: Repair mojibake in queries and documents with ``ftfy.fix_text``.
         limit: Keep the first ``limit`` queries of the run only.
     """
@@ -252,13 +254,15 @@ def read_run_first_stage(
     missing = [qid for qid in ranking if qid not in all_topics]
     if missing:
         raise ValueError(f"{topics}: {len(missing)} queries of the run have no topic, e.g. {missing[:5]}")
-    texts = read_corpus(corpus, {docid for hits in ranking.values() for docid, _ in hits})
     fix = ftfy.fix_text if fix_text else str
-    texts = {docid: fix(text) for docid, text in texts.items()}
+    texts: dict[str, str] = {}
+    if corpus is not None:
+        texts = read_corpus(corpus, {docid for hits in ranking.values() for docid, _ in hits})
+        texts = {docid: fix(text) for docid, text in texts.items()}
     return FirstStage(
         queries={qid: fix(all_topics[qid]) for qid in ranking},
         candidates={
-            qid: [Candidate(docid, texts[docid], score) for docid, score in hits] for qid, hits in ranking.items()
+            qid: [Candidate(docid, texts.get(docid), score) for docid, score in hits] for qid, hits in ranking.items()
         },
     )
 

@@ -67,7 +67,9 @@ def convert_mixencoder(
         )
     if source.get("model_type") == "bert":
         model.init_from_encoder()
-    tokenizer.model_max_length = config.max_query_length + config.max_candidate_length  # pairs are split, then cut
+    # pair rows are split and each half cut by the model; a row may be as long as a cut query needs to leave the
+    # candidate all its max_candidate_length tokens (any query up to the position table)
+    tokenizer.model_max_length = config.max_position_embeddings + config.max_candidate_length
     model.save_pretrained(dst)
     tokenizer.save_pretrained(dst)
     (dst / "README.md").write_text(model_card(config, hub_id or str(src), model_id or dst.name), encoding="utf-8")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ir_measures
 import torch
@@ -22,6 +23,10 @@ from ..data import FirstStage, read_dl_json, read_qrels, read_run_first_stage, w
 from ..runtime import set_threads
 from .scoring import DEFAULT_BATCH_TOKENS, DTYPES, PairScorer
 from .shards import score_first_stage
+
+if TYPE_CHECKING:
+    from ..precompute.ranker import StoreScorer
+    from ..precompute.store import CandidateStore
 
 MEASURES = ("nDCG@10", "RR@10", "R@100")
 
@@ -62,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--topics", help="topics: TSV qid<TAB>query (.gz allowed) or TREC <top> blocks")
     source.add_argument("--corpus", help="corpus: BEIR jsonl, TSV docid<TAB>text or TREC <DOC> (.gz allowed)")
     parser.add_argument("--output", required=True, help="TREC run file to write")
+    parser.add_argument("--index", metavar="DIR", help="MixEncoder candidate store (sparse-ce index): score the "
+                        "candidates from it (those it lacks on the fly); --corpus may then be left out")
     parser.add_argument("--qrels", help="TREC qrels: print the measures of the written run")
     parser.add_argument(
         "--measures",
@@ -104,7 +111,10 @@ def run(args: argparse.Namespace) -> int:
     """Re-rank, write the run and print truncation, measures, run path, time and throughput."""
     threads = set_threads(args.threads)
     first_stage = _read_first_stage(args)
+    store = _open_index(args) if args.index else None
     scorer = make_scorer(args.model, args, progress=not args.no_progress, maxp=args.maxp)
+    if store is not None:
+        scorer = _store_scorer(scorer, store, first_stage, args)
     scored = score_first_stage(scorer, first_stage)
     if scored.scores is None:  # another process of a torchrun launch: the main one writes the run
         return 0
@@ -132,11 +142,40 @@ def _read_first_stage(args: argparse.Namespace) -> FirstStage:
         if args.dl_json and not any(files):
             fix = True if args.fix_text is None else args.fix_text
             return read_dl_json(args.dl_json, fix_text=fix, limit=args.limit_queries)
-        if not args.dl_json and all(files):
+        if not args.dl_json and args.run and args.topics and (args.corpus or args.index):
             return read_run_first_stage(*files, fix_text=bool(args.fix_text), limit=args.limit_queries)
     except (OSError, ValueError) as error:
         raise UsageError(f"{'--dl-json' if args.dl_json else '--run/--topics/--corpus'}: {error}") from error
-    raise UsageError("give either --dl-json FILE, or all of --run, --topics and --corpus")
+    raise UsageError("give either --dl-json FILE, or all of --run, --topics and --corpus (with --index: --corpus "
+                     "optional)")
+
+
+def _open_index(args: argparse.Namespace) -> CandidateStore:
+    """The candidate store of ``--index``; ``--dtype auto`` becomes the dtype of the weights that wrote it."""
+    from ..precompute.store import CandidateStore
+
+    if args.maxp:
+        raise UsageError("--maxp: a candidate store holds each document cut to the model's max_candidate_length; "
+                         "leave out --maxp or --index")
+    try:
+        store = CandidateStore.open(args.index)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--index {args.index}: {error}") from error
+    if args.dtype == "auto":
+        args.dtype = store.manifest.model_dtype
+    return store
+
+
+def _store_scorer(
+    scorer: PairScorer, store: CandidateStore, first_stage: FirstStage, args: argparse.Namespace
+) -> StoreScorer:
+    """A scorer of ``first_stage`` from ``store``, for a MixEncoder ``--model`` of the store's weights."""
+    from ..precompute.ranker import StoreScorer
+
+    try:
+        return StoreScorer(scorer, store, first_stage)
+    except ValueError as error:
+        raise UsageError(f"--index {args.index}: --model {args.model}: {error}") from error
 
 
 def _evaluate(measures: list[ir_measures.Measure], qrels_path: str, run_path: str, qids: set[str]) -> str:

@@ -131,7 +131,7 @@ class PairScorer:
         model = name
         if config.num_labels != 1:
             raise ValueError(f"{model}: num_labels is {config.num_labels}; a cross-encoder for ranking has one logit")
-        limit = config.max_position_embeddings
+        limit = config.max_position_embeddings + getattr(config, "max_candidate_length", 0)  # MixEncoders split pairs
         if max_length is not None and max_length > limit:
             raise ValueError(f"max_length: {max_length} exceeds the model's max_position_embeddings {limit}")
         self.max_length = max_length or min(self.tokenizer.model_max_length, limit)
