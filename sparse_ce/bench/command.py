@@ -61,9 +61,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--smoke", action="store_true",
                         help="seconds-long check of the pipeline: tiny model, lengths 32 64, 4x32 passages, 1 repeat")
+    from ..precompute import bench as precomputed
+
+    precomputed.add_arguments(parser.add_argument_group("pre-computed candidates (MixEncoder, Table 4 protocol)"))
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.precomputed:
+        from ..precompute import bench as precomputed
+
+        return precomputed.run(args)
     if args.kernel:  # otherwise the built-in CPU kernel (compiled on first use) or a pinned Hub kernel
         os.environ["SPARSE_CE_KERNEL"] = args.kernel  # read by the kernel loader, here and in the memory subprocesses
     device = torch.device(args.device)
