@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..bench.measure import environment
+from ..cli import UsageError
 from ..data import read_dl_json
 from .ranker import StoreRanker
 from .store import CandidateStore
@@ -161,7 +162,7 @@ def quality_of(model, tokenizer, data: Path, tmp: Path, dual: bool = False) -> d
 def run_precomputed(args: argparse.Namespace) -> dict:
     """Time every system, measure storage and quality, write results.json / results.md / quality-vs-time.png."""
     if not args.mix_models:
-        raise ValueError("--precomputed: give the MixEncoder folders with --mix-models")
+        raise UsageError("--precomputed: give the MixEncoder folders with --mix-models")
     torch.set_num_threads(args.threads)
     queries, passages = candidate_pool(args.data, args.candidates)
     timed = queries[: args.timed_queries]
