@@ -251,3 +251,24 @@ def test_rerank_from_index_equals_rerank(mix_c_dir, tiny_model_dir, dl_json, tmp
     not_mixencoder = [*rerank[:2], str(tiny_model_dir), *rerank[3:]]
     assert main([*not_mixencoder, "--output", str(tmp_path / "y.run"), "--index", str(index)]) == 2
     assert "is not a MixEncoder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_index_under_torchrun_each_process_writes_its_shards(mix_c_dir, tmp_path):
+    """Two CPU processes (gloo) each encode every other shard; the store equals a single process's."""
+    import os
+    import subprocess
+    import sys
+
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text("".join(json.dumps({"_id": d, "title": "", "text": t}) + "\n" for d, t in DOCS.items()))
+    args = ["index", str(mix_c_dir), "--corpus", str(jsonl), "--shard-size", "2", "--batch-size", "2", "--no-progress"]
+    assert main([*args, "--output", str(tmp_path / "single")]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543", "-m",
+               "sparse_ce.cli", *args, "--output", str(tmp_path / "two")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "process 0 of 2" in result.stdout and "process 1 of 2" in result.stdout
+    assert result.stdout.count("(2 shards, 0 already complete)") == 2  # each process encoded two of the four
+    assert_same_store(tmp_path / "single", tmp_path / "two")

@@ -121,6 +121,8 @@ def write_store(
             report.encoded_documents += len(chunk)
             if on_shard is not None:
                 on_shard(number)
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # the manifest goes out once every process's shards are on disk
     if rank == 0:
         for stale in folder.glob("shard-*.safetensors"):  # from an earlier run over a longer corpus
             if int(stale.stem.removeprefix("shard-")) >= report.shards:
