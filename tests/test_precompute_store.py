@@ -118,6 +118,16 @@ def test_store_scores_equal_pair_scores(mix_dir, tmp_path):
         ranker.score("dog", ["d1", "nope"])
 
 
+def test_ranker_from_pretrained_ranks_stored_ids(mix_c_dir, tmp_path):
+    write(tmp_path / "store", mix_c_dir)
+    ranker = StoreRanker.from_pretrained(str(mix_c_dir), str(tmp_path / "store"), device="cpu")
+    scores = ranker.score(QUERIES["q1"], list(DOCS))
+    ranked = ranker.rank(QUERIES["q1"], list(DOCS), top_k=3)
+    assert [d for d, _ in ranked] == sorted(DOCS, key=lambda d: -scores[list(DOCS).index(d)])[:3]
+    with pytest.raises(KeyError, match="not in the store"):
+        ranker.score(QUERIES["q1"], ["d1", "nope"])
+
+
 def test_store_of_another_model_is_refused(mix_dir, mix_c_dir, tmp_path):
     write(tmp_path / "store", mix_dir)
     other = load_model(mix_dir)

@@ -49,6 +49,17 @@ class StoreRanker:
         store.manifest.check_model(model, store.folder)
         self.model, self.tokenizer, self.store, self.batch_size = model.eval(), tokenizer, store, batch_size
 
+    @classmethod
+    def from_pretrained(cls, model: str, store: str, device: str | None = None, **kwargs) -> StoreRanker:
+        """Load the MixEncoder ``model`` (folder or Hub id, remote code) and its tokenizer, and open ``store``."""
+        from transformers import AutoModelForSequenceClassification
+
+        from ..rank.scoring import load_tokenizer
+
+        loaded = AutoModelForSequenceClassification.from_pretrained(model, trust_remote_code=True)
+        loaded.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return cls(loaded, load_tokenizer(model), CandidateStore.open(store, loaded), **kwargs)
+
     @torch.inference_mode()
     def encode_query(self, query: str) -> QueryStates:
         """The query's states for the interaction layers (``[CLS] q [SEP]`` cut to ``max_query_length``)."""
