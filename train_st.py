@@ -54,6 +54,7 @@ from sparse_ce.train import datasets, pool as pooling
 from sparse_ce.train.dev import DevRerankingEvaluator
 from sparse_ce.train.losses import ListwiseCorrelationLoss, ListwiseDistillationLoss
 from sparse_ce.train.output import save, write_card
+from sparse_ce.train.representation import RepresentationDistillationLoss, representation_dataset
 from sparse_ce.train.teacher import TeacherSpec, teacher_scores
 from sparse_ce.precompute.convert import convert_mixencoder
 
@@ -95,9 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--score-head", choices=["cls", "cosine", "cls-cosine"], default="cosine",
                         help="'cosine' (default; starts from the bi-encoder's similarity), 'cls-cosine' (query mean "
                         "against [CLS]) or 'cls' (BERT's head)")
-    parser.add_argument("--loss", choices=[*sorted(datasets.LOSS_COLUMNS), "listwise+mnrl"], default="listwise",
-                        help="mnrl: in-batch negatives (MultipleNegativesRankingLoss); listwise+mnrl: both, "
-                        "alternating batches")
+    parser.add_argument("--loss", choices=[*sorted(datasets.LOSS_COLUMNS), "listwise+mnrl", "represent"],
+                        default="listwise", help="mnrl: in-batch negatives (MultipleNegativesRankingLoss); "
+                        "listwise+mnrl: both, alternating batches; represent: the mean query/document states learn "
+                        "the --init bi-encoder's embeddings (sparse_ce/train/representation.py)")
+    parser.add_argument("--represent-pairs", type=int, default=64, help="pooled pairs per query (represent)")
     mix = parser.add_argument_group("--arch mixencoder")
     mix.add_argument("--k", type=int, default=1, help="context embeddings per candidate")
     mix.add_argument("--strategy", choices=["S", "C"], default="C", help="S: k special tokens; C: k context codes")
@@ -171,6 +174,9 @@ def build_dataset(args, training_args, pool, grades, dev_ids, loss=None):
     if "+" in loss:
         return DatasetDict({part: build_dataset(args, training_args, pool, grades, dev_ids, part) for part in loss.split("+")})
     train_pool = {qid: q for qid, q in pool.items() if qid not in dev_ids}
+    if loss == "represent":
+        return representation_dataset(train_pool, args.init or default_init(), args.represent_pairs,
+                                      args.cache_dir / "embeddings", seed=args.seed)
     if loss == "mnrl":
         with training_args.main_process_first(desc="teacher scores"):
             scores = teacher_scores(teacher_specs(args), pool, args.cache_dir / "teacher")
@@ -198,6 +204,8 @@ def make_loss(args, model: CrossEncoder, loss=None):
         scale = 1.0 if isinstance(activation, nn.Identity) else 10.0
         return losses.MultipleNegativesRankingLoss(model, num_negatives=args.mnrl_negatives, scale=scale,
                                                    activation_fn=activation)
+    if loss == "represent":
+        return RepresentationDistillationLoss(model)
     if loss == "listwise" and args.list_objective == "correlation":
         return ListwiseCorrelationLoss(model)
     if loss == "listwise":

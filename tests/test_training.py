@@ -332,3 +332,34 @@ def test_train_st_runs_unchanged_under_torchrun(tmp_path, data):
     assert record["world_size"] == 2 and record["steps"] == 2
     assert len(list((tmp_path / "cache" / "teacher").glob("teacher-*.json"))) == 1
     assert (out / "model.safetensors").is_file() and not (out / "trainer").exists()
+
+
+def test_representation_loss_is_zero_at_the_models_own_means_and_grows_with_distance(tiny_model_dir):
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    from sparse_ce.train.representation import RepresentationDistillationLoss
+
+    model = CrossEncoder(str(tiny_model_dir), trust_remote_code=True)
+    pairs = [("do goldfish grow", "goldfish grow fast"), ("why is the dog cold", "a cold dog in the water")]
+    tokens = model.preprocess(pairs)
+    with torch.no_grad():
+        hidden, layout, _, _ = model.model.bert.encode(tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"])
+        query, doc = layout.segment_means(hidden)
+        loss = RepresentationDistillationLoss(model)
+        inputs = [[q for q, _ in pairs], [d for _, d in pairs]]
+        assert float(loss(inputs, torch.cat([query, doc], -1))) == pytest.approx(0.0, abs=1e-5)
+        assert float(loss(inputs, torch.cat([-query, -doc], -1))) == pytest.approx(4.0, abs=1e-5)
+        assert float(loss(inputs, torch.cat([query, -doc], -1))) == pytest.approx(2.0, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_train_st_representation_distillation_from_a_bi_encoder(tmp_path, data):
+    init = make_bi_encoder_folder(tmp_path / "bi")
+    out = tmp_path / "represent"
+    argv = ["--output", str(out), "--init", str(init), "--loss", "represent", "--represent-pairs", "3",
+            "--data", str(data), "--max-steps", "3", "--batch-size", "4", "--dev-queries", "1", "--dev-depths", "10",
+            "--eval-steps", "3", "--max-length", "64", "--lr", "1e-3", "--cache-dir", str(tmp_path / "cache")]
+    assert train_st.main(argv) == 0
+    record = json.loads((out / "training.json").read_text())
+    assert record["loss"] == "represent" and record["steps"] == 3
+    assert list((tmp_path / "cache" / "embeddings").glob("embeddings-*.pt"))  # the bi-encoder ran once, cached
