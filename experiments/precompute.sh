@@ -12,17 +12,17 @@ PYTHON=${PYTHON:-.venv/bin/python}
 DATA=${DATA:-../shared/data}
 STEPS_K1=${STEPS_K1:-800} STEPS_K23=${STEPS_K23:-300} LR=${LR:-2e-5} THREADS=${THREADS:-1}
 
-train() {  # train NAME K STEPS
-  local name=$1 k=$2 steps=$3
+train() {  # train NAME K STEPS EVAL_STEPS
+  local name=$1 k=$2 steps=$3 every=$4
   if [ -f "$OUT/$name/training.json" ]; then return; fi
   $PYTHON train_st.py --arch mixencoder --output "$OUT/$name" --k "$k" --loss listwise+mnrl --batch-size 4 \
-    --lr "$LR" --max-steps "$steps" --eval-steps 200 --save-steps 100 --resume --threads "$THREADS" --bf16 \
+    --lr "$LR" --max-steps "$steps" --eval-steps "$every" --save-steps 100 --resume --threads "$THREADS" --bf16 \
     --save-dtype float16 --data "$DATA"
 }
 
-train k1-full 1 "$STEPS_K1"
-train k2-full 2 "$STEPS_K23" &
-train k3-full 3 "$STEPS_K23"
+train k1-full 1 "$STEPS_K1" 200
+train k2-full 2 "$STEPS_K23" 250 &
+train k3-full 3 "$STEPS_K23" 250
 wait
 # quality of the cross-encoders: Table 1's trained models (docs/training.md), not re-measured here
 $PYTHON -m sparse_ce.cli bench --precomputed --mix-models "$OUT/k1-full" "$OUT/k2-full" "$OUT/k3-full" \
