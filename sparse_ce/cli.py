@@ -43,6 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"sparse-ce {args.command}: {error}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the gloo group before exit: a process that exits with the group's threads still running
+    can abort ("terminate called without an active exception") and fail the whole launch."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.barrier()
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
