@@ -14,8 +14,6 @@ the output projections of both updates start at zero, so the updates begin as no
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +28,11 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .configuration_mixencoder import MixEncoderConfig
 
-try:  # Hub folder: segments.py is a flat sibling
+try:  # Hub folder: segments.py and hub_folder.py are flat siblings
+    from .hub_folder import finish_hub_folder
     from .segments import SegmentLayout, build_segment_layout
-except ImportError:  # installed package: the sparse cross-encoder's package owns the segments
+except ImportError:  # installed package: the sparse cross-encoder's package owns both
+    from modeling_sparse_ce.hub_folder import finish_hub_folder
     from modeling_sparse_ce.segments import SegmentLayout, build_segment_layout
 
 AUTO_MAP = {
@@ -162,23 +162,16 @@ class MixEncoderPreTrainedModel(BertPreTrainedModel):
         self.config.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
-            for path in remote_code_files():
-                target = Path(save_directory) / path.name
-                if target.resolve() != path:
-                    shutil.copyfile(path, target)
-            config_file = Path(save_directory) / "config.json"
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-            if config.get("auto_map") != AUTO_MAP:
-                config["auto_map"] = dict(AUTO_MAP)
-                config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            finish_hub_folder(save_directory, remote_code_files(), AUTO_MAP)
 
 
 def remote_code_files() -> list[Path]:
-    """The Python files a MixEncoder Hub folder needs: this package's modules and the segments module."""
+    """The Python files a MixEncoder Hub folder needs: this package's modules, and the sparse package's segments and
+    Hub-folder modules."""
     here = Path(__file__).resolve().parent
     files = [p for p in sorted(here.glob("*.py")) if p.name != "__init__.py"]
-    segments = Path(sys.modules[SegmentLayout.__module__].__file__).resolve()
-    return files + ([segments] if segments not in files else [])
+    shared = [Path(sys.modules[module].__file__).resolve() for module in (SegmentLayout.__module__, finish_hub_folder.__module__)]
+    return files + [p for p in shared if p not in files]
 
 
 class CosineHead(nn.Module):

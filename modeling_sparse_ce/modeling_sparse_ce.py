@@ -9,8 +9,6 @@ several rows is computed once when it attends only to itself.
 from __future__ import annotations
 
 import functools
-import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -37,6 +35,7 @@ except ImportError:  # installed package: one top-level module, one class
 
 from .attention import ATTENTION_FUNCTIONS, resolve_backend
 from .attention_kernel import find_kernel
+from .hub_folder import finish_hub_folder
 from .pattern import AttentionPattern
 from .segments import SegmentLayout, build_segment_layout, token_types
 
@@ -147,22 +146,9 @@ class SparseCrossEncoderPreTrainedModel(BertPreTrainedModel):
         self.config.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
-            copy_remote_code(save_directory)
-            write_auto_map(Path(save_directory) / "config.json")
+            finish_hub_folder(save_directory, remote_code_files(), AUTO_MAP)
             if push:
                 self.push_to_hub(hub_kwargs.pop("repo_id", Path(save_directory).name), **hub_kwargs)
-
-
-def write_auto_map(config_file: Path) -> None:
-    """Put the complete :data:`AUTO_MAP` into a saved ``config.json``.
-
-    A config class loaded as remote code is saved by transformers' ``custom_object_save``, which sets its ``AutoConfig``
-    entry to the module that defines it (``configuration_sparse_ce``); this restores the entry of :data:`AUTO_MAP`.
-    """
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    if config.get("auto_map") != AUTO_MAP:
-        config["auto_map"] = dict(AUTO_MAP)
-        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def remote_code_files() -> list[Path]:
@@ -173,14 +159,6 @@ def remote_code_files() -> list[Path]:
     if config_file not in files:
         files.append(config_file)
     return files
-
-
-def copy_remote_code(folder) -> None:
-    """Copy the remote code files flat into ``folder``."""
-    for path in remote_code_files():
-        target = Path(folder) / path.name
-        if target.resolve() != path:
-            shutil.copyfile(path, target)
 
 
 class SparseCrossEncoderModel(SparseCrossEncoderPreTrainedModel):
