@@ -118,8 +118,8 @@ def check_targets(results: dict) -> list[tuple[str, str, bool]]:
     return out
 
 
-def plot(results: dict, path: Path) -> Path | None:
-    """Log-log time and memory against total length (one document per forward), one line per system."""
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend, or ``None`` (logged once per call) without matplotlib."""
     try:
         import matplotlib
 
@@ -127,6 +127,14 @@ def plot(results: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         logger.warning("matplotlib is not installed: no figure (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot(results: dict, path: Path) -> Path | None:
+    """Log-log time and memory against total length (one document per forward), one line per system."""
+    plt = pyplot()
+    if plt is None:
         return None
     sweep = [k for k in results["settings"] if k.startswith("1x")]
     lengths = [int(k[2:]) for k in sweep]

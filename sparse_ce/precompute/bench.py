@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..bench.measure import environment
+from ..bench.report import pyplot
 from ..cli import UsageError
 from ..data import read_dl_json
 from .ranker import StoreRanker
@@ -190,7 +191,7 @@ def run_precomputed(args: argparse.Namespace) -> dict:
         systems["dual-encoder"] = {"seconds": median_seconds(call, timed), "bytes_per_candidate": bytes_per}
         if not args.no_quality:
             systems["dual-encoder"]["quality"] = quality_of(model, tokenizer, args.data, tmp, dual=True)
-        for name, call in cross_encoder_calls(args.mix_models[0], passages, tmp).items():
+        for name, call in cross_encoder_calls(model, tokenizer, passages, tmp).items():
             systems[name] = {"seconds": median_seconds(call, timed), "bytes_per_candidate": 0}
             if name in quality:
                 systems[name]["quality"] = quality[name]
@@ -221,13 +222,8 @@ def markdown(results: dict) -> str:
 
 def plot(results: dict, path: Path) -> Path | None:
     """DL19 nDCG@10 against ms per query (log scale), one point per system with a quality figure."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib missing: no figure (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, entry in results["systems"].items():
