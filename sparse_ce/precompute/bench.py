@@ -18,6 +18,7 @@ measured for the MixEncoders and the dual encoder from stores of those collectio
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import statistics
@@ -104,21 +105,21 @@ def dual_encoder_call(model, tokenizer, passages: list[tuple[str, str]]):
     return call, stored.shape[1] * 4
 
 
-def cross_encoder_calls(mix_folder: str, passages: list[tuple[str, str]], tmp: Path) -> dict:
+def cross_encoder_calls(mix, tokenizer, passages: list[tuple[str, str]], tmp: Path) -> dict:
     """``CrossEncoder.predict`` over all pairs for the MixEncoder's encoder as plain BERT and as sparse w=4."""
     from sentence_transformers import CrossEncoder
     from transformers import BertConfig, BertForSequenceClassification
 
     from ..convert import convert
 
-    mix, tokenizer = _mix(mix_folder)
     fields = {k: v for k, v in mix.config.to_dict().items() if k in BertConfig().to_dict()
               and k not in ("model_type", "architectures", "auto_map", "transformers_version")}
     bert = BertForSequenceClassification(BertConfig(**{**fields, "num_labels": 1}))
     missing, unexpected = bert.load_state_dict(mix.state_dict(), strict=False)
     if [k for k in missing if not k.startswith(("bert.pooler.", "classifier."))]:
-        raise ValueError(f"{mix_folder}: encoder weights do not map onto BERT ({missing})")
+        raise ValueError(f"{mix.name_or_path}: encoder weights do not map onto BERT ({missing})")
     bert.save_pretrained(tmp / "full")
+    tokenizer = copy.deepcopy(tokenizer)  # the MixEncoder's own stays as it is
     tokenizer.model_max_length = 512
     tokenizer.save_pretrained(tmp / "full")
     convert(tmp / "full", tmp / "w4", pattern="sparse", window=4, overwrite=True)
