@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertMod
 
 from sparse_ce.cli import main
 from sparse_ce.precompute.convert import convert_mixencoder
-from sparse_ce.precompute.ranker import StoreRanker, score_on_the_fly
+from sparse_ce.precompute.ranker import StoreRanker
 from sparse_ce.precompute.store import CandidateStore, model_hash
 from sparse_ce.precompute.writer import write_store
 from sparse_ce.rank.scoring import load_tokenizer
@@ -32,6 +33,27 @@ DOCS = {
 }
 QUERIES = {"q1": "how long is the life cycle of a flea", "q2": "do goldfish grow",
            "q3": "what is the sparse attention window of a model and how does it rank a query and a document"}
+
+
+@torch.inference_mode()
+def score_on_the_fly(
+    model: torch.nn.Module, tokenizer: object, query: str, texts: Sequence[str], batch_size: int = 64
+) -> list[float]:
+    """The reference route: ``[CLS] query [SEP] text [SEP]`` rows through ``model(**pairs)``, as ``CrossEncoder`` does.
+
+    Texts are cut only where the model would cut them anyway: the model splits each row and keeps
+    ``max_candidate_length`` tokens of the candidate ([CLS] and [SEP] included).
+    """
+    model.eval()
+    query_tokens = len(tokenizer(query, add_special_tokens=False)["input_ids"])
+    max_length = query_tokens + 3 + model.config.max_candidate_length - 2  # [CLS] q [SEP] d [SEP]
+    scores: list[float] = []
+    for start in range(0, len(texts), batch_size):
+        batch = list(texts[start : start + batch_size])
+        inputs = tokenizer([query] * len(batch), batch, padding=True, truncation="only_second", max_length=max_length,
+                           return_tensors="pt").to(model.device)
+        scores += model(**inputs).logits[:, 0].float().cpu().tolist()
+    return scores
 
 
 def make_mixencoder(folder: Path, strategy: str, seed: int = 1) -> Path:

@@ -2,9 +2,9 @@
 
 Wang et al.: "Once is Enough: A Lightweight Cross-Attention for Fast Sentence Pair Modeling", Section 3: at query
 time only the query goes through the encoder; each candidate's stored context embeddings meet it in the light
-interaction layers. :func:`score_on_the_fly` scores ``[CLS] q [SEP] d [SEP]`` rows as a ``CrossEncoder`` would (the
-model splits them); both routes give the same scores. :class:`StoreScorer` lets ``sparse-ce rerank --index`` score a
-first stage from a store, scoring documents the store lacks on the fly.
+interaction layers. Pair rows ``[CLS] q [SEP] d [SEP]`` (``CrossEncoder``, :class:`PairScorer`) are split by the
+model itself; both routes give the same scores. :class:`StoreScorer` lets ``sparse-ce rerank --index`` score a first
+stage from a store, scoring documents the store lacks on the fly through the pair scorer.
 """
 
 from __future__ import annotations
@@ -88,27 +88,6 @@ class StoreRanker:
         return ranked[:top_k]
 
 
-@torch.inference_mode()
-def score_on_the_fly(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, query: str, texts: Sequence[str], batch_size: int = 64
-) -> list[float]:
-    """Scores of ``[CLS] query [SEP] text [SEP]`` rows through ``model(**pairs)`` (the route of ``CrossEncoder``).
-
-    Texts are cut only where the model would cut them anyway: the model splits each row and keeps
-    ``max_candidate_length`` tokens of the candidate ([CLS] and [SEP] included).
-    """
-    model.eval()
-    query_tokens = len(tokenizer(query, add_special_tokens=False)["input_ids"])
-    max_length = query_tokens + 3 + model.config.max_candidate_length - 2  # [CLS] q [SEP] d [SEP]
-    scores: list[float] = []
-    for start in range(0, len(texts), batch_size):
-        batch = list(texts[start : start + batch_size])
-        inputs = tokenizer([query] * len(batch), batch, padding=True, truncation="only_second", max_length=max_length,
-                           return_tensors="pt").to(model.device)
-        scores += model(**inputs).logits[:, 0].float().cpu().tolist()
-    return scores
-
-
 class StoreScorer:
     """What ``sparse-ce rerank --index`` scores with: :class:`PairScorer`'s ``score`` (as
     :func:`~sparse_ce.rank.shards.score_first_stage` calls it) from a store, for the pairs of ``first_stage``.
@@ -127,7 +106,8 @@ class StoreScorer:
         if getattr(config, "model_type", None) != MIXENCODER_TYPE:
             raise ValueError(f"{config.model_type!r} is not a MixEncoder ({MIXENCODER_TYPE}); only those use a store")
         self.ranker = StoreRanker(scorer.model, scorer.tokenizer, store)
-        self.model, self.tokenizer, self.store, self.first_stage = scorer.model, scorer.tokenizer, store, first_stage
+        self.scorer, self.model, self.tokenizer = scorer, scorer.model, scorer.tokenizer
+        self.store, self.first_stage = store, first_stage
         self.untrained_head = scorer.untrained_head
         self.max_length = config.max_candidate_length
         missing = {c.docid: c.text for hits in first_stage.candidates.values() for c in hits if c.docid not in store}
@@ -155,7 +135,8 @@ class StoreScorer:
             by_docid = dict(zip(stored, self.ranker.score(query, stored)))
             on_the_fly = {c.docid: c.text for c in candidates if c.docid not in self.store}
             texts = list(on_the_fly.values())
-            by_docid.update(zip(on_the_fly, score_on_the_fly(self.model, self.tokenizer, query, texts)))
+            if texts:
+                by_docid.update(zip(on_the_fly, self.scorer.score([query] * len(texts), texts, [qid] * len(texts))[0]))
             scores += [by_docid[c.docid] for c in candidates]
             lengths += self.store.get(stored, "lengths").tolist()
             if texts:
