@@ -29,10 +29,10 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from .configuration_mixencoder import MixEncoderConfig
 
 try:  # Hub folder: segments.py and hub_folder.py are flat siblings
-    from .hub_folder import finish_hub_folder
+    from .hub_folder import HubFolderMixin
     from .segments import SegmentLayout, build_segment_layout
 except ImportError:  # installed package: the sparse cross-encoder's package owns both
-    from modeling_sparse_ce.hub_folder import finish_hub_folder
+    from modeling_sparse_ce.hub_folder import HubFolderMixin
     from modeling_sparse_ce.segments import SegmentLayout, build_segment_layout
 
 AUTO_MAP = {
@@ -138,7 +138,7 @@ class InteractionLayer(nn.Module):
         return new_context, state + gate * delta
 
 
-class MixEncoderPreTrainedModel(BertPreTrainedModel):
+class MixEncoderPreTrainedModel(HubFolderMixin, BertPreTrainedModel):
     """Weight init and loading of BERT, plus a ``save_pretrained`` that writes a self-contained Hub folder."""
 
     config_class = MixEncoderConfig
@@ -157,12 +157,10 @@ class MixEncoderPreTrainedModel(BertPreTrainedModel):
         else:
             super()._init_weights(module)
 
-    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """Save weights and config, and copy the remote code flat beside them with a complete ``auto_map``."""
-        self.config.auto_map = dict(AUTO_MAP)
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            finish_hub_folder(save_directory, remote_code_files(), AUTO_MAP)
+    hub_auto_map = AUTO_MAP
+
+    def hub_code_files(self) -> list[Path]:
+        return remote_code_files()
 
 
 def remote_code_files() -> list[Path]:
@@ -170,7 +168,8 @@ def remote_code_files() -> list[Path]:
     Hub-folder modules."""
     here = Path(__file__).resolve().parent
     files = [p for p in sorted(here.glob("*.py")) if p.name != "__init__.py"]
-    shared = [Path(sys.modules[module].__file__).resolve() for module in (SegmentLayout.__module__, finish_hub_folder.__module__)]
+    shared = [Path(sys.modules[module].__file__).resolve()
+              for module in (SegmentLayout.__module__, HubFolderMixin.__module__)]
     return files + [p for p in shared if p not in files]
 
 

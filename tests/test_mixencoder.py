@@ -196,6 +196,22 @@ def test_hub_folder_round_trip_in_a_fresh_process(tmp_path):
     """, tmp_path, folder, tmp_path / "expected.pt", tmp_path / "saved-again")
 
 
+def test_push_to_hub_uploads_the_complete_folder(tokenizer, tmp_path, monkeypatch):
+    """``save_pretrained(push_to_hub=True)`` pushes only after the code files and auto_map are written."""
+    model, pushed = random_model(tokenizer), []
+
+    def fake_push(repo_id, **kwargs):  # stands in for the network upload; records the folder as it is then
+        config = json.loads((tmp_path / "out" / "config.json").read_text())
+        pushed.append((repo_id, kwargs, sorted(p.name for p in (tmp_path / "out").iterdir()), config["auto_map"]))
+
+    monkeypatch.setattr(model, "push_to_hub", fake_push)
+    model.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id="me/mix", private=True)
+    assert len(pushed) == 1
+    repo_id, kwargs, files, auto_map = pushed[0]
+    assert repo_id == "me/mix" and kwargs == {"private": True} and auto_map == AUTO_MAP
+    assert {p.name for p in remote_code_files()} <= set(files) and "model.safetensors" in files
+
+
 def test_convert_command_and_its_errors(tmp_path, capsys):
     from sparse_ce.cli import main
 

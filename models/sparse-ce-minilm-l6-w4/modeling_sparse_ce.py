@@ -35,7 +35,7 @@ except ImportError:  # installed package: one top-level module, one class
 
 from .attention import ATTENTION_FUNCTIONS, resolve_backend
 from .attention_kernel import find_kernel
-from .hub_folder import finish_hub_folder
+from .hub_folder import HubFolderMixin
 from .pattern import AttentionPattern
 from .segments import SegmentLayout, build_segment_layout, token_types
 
@@ -124,7 +124,7 @@ class SparseEncoder(nn.Module):
         return hidden, all_hidden, all_weights
 
 
-class SparseCrossEncoderPreTrainedModel(BertPreTrainedModel):
+class SparseCrossEncoderPreTrainedModel(HubFolderMixin, BertPreTrainedModel):
     """Weight init and loading of BERT, plus a ``save_pretrained`` that writes a self-contained Hub folder."""
 
     config_class = SparseCrossEncoderConfig
@@ -136,19 +136,10 @@ class SparseCrossEncoderPreTrainedModel(BertPreTrainedModel):
     _supports_attention_backend = False
     _can_record_outputs = {}
 
-    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """Save weights and config, and copy the remote code flat beside them with a complete ``auto_map``."""
-        # A class loaded as remote code has ``_auto_class`` set, so transformers' ``custom_object_save`` also runs: it
-        # copies the (flat) sibling files and rewrites one ``auto_map`` entry to the same ``modeling_sparse_ce.<Class>``.
-        # transformers' own push would upload before the code files are copied: push the finished folder instead
-        push = kwargs.pop("push_to_hub", False)
-        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "token", "create_pr") if k in kwargs}
-        self.config.auto_map = dict(AUTO_MAP)
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            finish_hub_folder(save_directory, remote_code_files(), AUTO_MAP)
-            if push:
-                self.push_to_hub(hub_kwargs.pop("repo_id", Path(save_directory).name), **hub_kwargs)
+    hub_auto_map = AUTO_MAP
+
+    def hub_code_files(self) -> list[Path]:
+        return remote_code_files()
 
 
 def remote_code_files() -> list[Path]:
