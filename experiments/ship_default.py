@@ -62,7 +62,7 @@ def main() -> int:
     extra = list(args.note)
     if args.table.is_file():
         extra += ["## Table 1, controlled (this package, `experiments/table1.sh`)",
-                 "Every pattern fine-tuned from one full-attention model with the same data, budget and seed; "
+                 "Every pattern trained with the same recipe, init, data, budget and seed (docs/training.md); "
                  "nDCG@10 against full attention with a paired TOST (bound ±0.02).", args.table.read_text().strip()]
     write_card(args.dst, config, record, args.dst.name, extra)
     (args.dst / "recorded_scores.json").write_text(json.dumps(record_scores(args.dst, args.data), indent=1) + "\n")
