@@ -5,7 +5,8 @@ within ±0.02 nDCG@10 by a paired two one-sided t-test (TOST; Schuirmann, 1987).
 collection's first stage with every system (a cross-encoder folder, or a sentence-transformers bi-encoder scored by
 cosine similarity), writes one TREC run per system and collection, computes the measures with ir_measures, and tests
 every system against ``--baseline`` per collection and over all queries pooled. The first stage itself is reported
-as the system ``bm25``. Existing run files are reused (``--rerun`` recomputes them), so an interrupted evaluation
+as the system ``bm25``; ``--fuse-first-stage W`` adds ``NAME+bm25`` per system, its run fused with the first stage
+(:mod:`..rank.fusion`) without scoring again. Existing run files are reused (``--rerun`` recomputes them), so an interrupted evaluation
 resumes where it stopped.
 """
 
@@ -23,6 +24,7 @@ import ir_measures
 from ..cli import UsageError
 from ..data import read_run, write_run
 from ..data.collections import COLLECTIONS, Collection, load_collection
+from ..rank.fusion import check_weight, fuse_first_stage
 from ..rank.rerank import add_scoring_arguments, make_scorer
 from ..rank.shards import process_group, score_first_stage
 from ..runtime import set_threads
@@ -50,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="offline data folder")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "sparse-ce", help="BM25 runs")
     add_scoring_arguments(parser)
+    parser.add_argument("--fuse-first-stage", type=float, metavar="WEIGHT",
+                        help="also report NAME+bm25 per system: z(system) + WEIGHT * z(first stage) per query")
     parser.add_argument("--rerun", action="store_true", help="re-rank even where a run file exists")
 
 
@@ -59,6 +63,12 @@ def run(args: argparse.Namespace) -> int:
     baseline = args.baseline or next(iter(systems))
     if baseline not in systems and baseline != FIRST_STAGE:
         raise UsageError(f"--baseline: {baseline!r} is not one of the systems {', '.join(systems)}")
+    fusion = getattr(args, "fuse_first_stage", None)
+    if fusion is not None:
+        try:
+            check_weight(fusion, "--fuse-first-stage")
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     rank, _ = process_group()
     depths = _collection_depths(args)
     per_query = {}
@@ -73,13 +83,19 @@ def run(args: argparse.Namespace) -> int:
                 rerank(model, collection, path, system, args)
             if rank == 0:
                 per_query[collection.name][system] = measure_run(collection, read_run(path))
+            if rank == 0 and fusion is not None:
+                fused = fuse_first_stage(read_run(path), collection.first_stage, fusion)
+                name = f"{system}+{FIRST_STAGE}"
+                write_run(path.with_name(run_name(name, collection.name, depth, args.limit_queries)), fused, name)
+                per_query[collection.name][name] = measure_run(collection, fused)
         per_query[collection.name][FIRST_STAGE] = first_stage_scores(collection)  # the reference line, listed last
     if rank != 0:  # another process of a torchrun launch: it helped score, the main one reports
         return 0
     results = compare(per_query, baseline, args.bound, args.alpha)
     results["setup"] = {"depth": args.depth, "collection_depths": depths, "limit_queries": args.limit_queries,
                         "bound": args.bound,
-                        "alpha": args.alpha, "baseline": baseline, "systems": systems}
+                        "alpha": args.alpha, "baseline": baseline, "systems": systems,
+                        "fuse_first_stage": fusion}
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     table = markdown(results, args.alpha)

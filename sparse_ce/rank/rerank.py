@@ -21,6 +21,7 @@ from configuration_sparse_ce import ATTENTION_BACKENDS
 from ..cli import UsageError
 from ..data import FirstStage, read_dl_json, read_qrels, read_run_first_stage, write_run
 from ..runtime import set_threads
+from .fusion import check_weight, fuse_first_stage
 from .scoring import DEFAULT_BATCH_TOKENS, DTYPES, PairScorer
 from .shards import score_first_stage
 
@@ -85,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="repair mojibake with ftfy (default: on for --dl-json, off otherwise)",
     )
+    parser.add_argument("--fuse-first-stage", type=float, default=0.0, metavar="WEIGHT",
+                        help="rank by z(model) + WEIGHT * z(first-stage score) per query (default 0: the model alone)")
     parser.add_argument("--tag", default="sparse-ce", help="run tag (default: sparse-ce)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -109,6 +112,7 @@ def make_scorer(model: str, args: argparse.Namespace, progress: bool = True, max
 
 def run(args: argparse.Namespace) -> int:
     """Re-rank, write the run and print truncation, measures, run path, time and throughput."""
+    _check_fusion(args)
     threads = set_threads(args.threads)
     first_stage = _read_first_stage(args)
     store = _open_index(args) if args.index else None
@@ -118,11 +122,16 @@ def run(args: argparse.Namespace) -> int:
     scored = score_first_stage(scorer, first_stage)
     if scored.scores is None:  # another process of a torchrun launch: the main one writes the run
         return 0
-    write_run(args.output, first_stage.ranking(scored.scores), args.tag)
+    ranking = first_stage.ranking(scored.scores)
+    if args.fuse_first_stage:
+        ranking = fuse_first_stage(ranking, first_stage, args.fuse_first_stage)
+    write_run(args.output, ranking, args.tag)
 
     stats = scored.stats
     if scorer.untrained_head:
         print("WARNING: the classifier head is untrained; scores from an untrained classifier head mean nothing")
+    if args.fuse_first_stage:
+        print(f"scores fused with the first stage: z(model) + {args.fuse_first_stage:g} * z(first stage) per query")
     print(f"documents cut to max_length {scorer.max_length}: {stats.truncated} of {stats.pairs}")
     if args.maxp:
         print(f"documents split into MaxP windows: {stats.long_documents} of {stats.pairs} ({stats.rows} rows in all)")
@@ -134,6 +143,14 @@ def run(args: argparse.Namespace) -> int:
           f"pairs/s, {per_query:.1f} ms per query ({scored.processes} process(es) x {threads} thread(s), "
           f"{str(scorer.model.dtype).removeprefix('torch.')})")
     return 0
+
+
+def _check_fusion(args: argparse.Namespace) -> None:
+    """A bad fusion weight is refused before scoring, not after (the scores would be lost)."""
+    try:
+        check_weight(args.fuse_first_stage, "--fuse-first-stage")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def _read_first_stage(args: argparse.Namespace) -> FirstStage:

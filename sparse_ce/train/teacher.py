@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..data import open_text
+from ..rank.fusion import zscore
 from .pool import TrainingQuery, flatten
 
 logger = logging.getLogger(__name__)
@@ -158,14 +159,6 @@ def bm25_pool_scores(pool: Mapping[str, TrainingQuery]) -> dict[str, dict[str, f
         all_scores = retriever.get_scores(tokens)
         scores[qid] = {docid: float(all_scores[row[docid]]) for docid in entry.documents}
     return scores
-
-
-def zscore(scores: Mapping[str, float]) -> dict[str, float]:
-    """Scores of one query's candidates standardised to mean 0 and standard deviation 1 (0 when all are equal)."""
-    values = list(scores.values())
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-    return {d: (v - mean) / std if std > 0 else 0.0 for d, v in scores.items()}
 
 
 def teacher_scores(
