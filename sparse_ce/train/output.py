@@ -53,6 +53,11 @@ def write_card(output: Path, config, record: dict, model_id: str, extra: list[st
         values = ", ".join(f"{v:.4f} over the top-{k.rsplit('top', 1)[-1]}" for k, v in dev.items() if "ndcg" in k)
         lines.append(f"Held-out judged DL21 queries ({record.get('dev_queries', '?')}, never trained on), "
                      f"nDCG@10 re-ranking their BM25 run: {values}.")
+    mix = record.get("interpolation")
+    if mix:
+        lines.append(f"Weights: `{(1 - mix['alpha']):g} × {mix['start']} + {mix['alpha']:g} × {mix['end']}` (weight-space "
+                     "interpolation of the two training stages, WiSE-FT; alpha chosen on the dev queries by "
+                     "`experiments/interpolate.py`); the command below trained the second.")
     if record.get("test"):
         lines.append(evaluation.markdown_single(record["test"], record["eval_depth"], record["eval_queries"]))
     lines += extra or []
