@@ -15,6 +15,7 @@ from tiny import make_data_folder, make_model_folder
 from sparse_ce.train.interpolate import interpolate
 
 ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
 
 
 @pytest.fixture
@@ -81,3 +82,25 @@ def test_interpolate_script_scores_the_dev_queries_per_alpha(pair, tmp_path):
         assert json.loads((out / f"alpha-{row['alpha']:g}" / "training.json").read_text())["dev"]["dev_ndcg@10_top100"] \
             == row["dev_ndcg@10_top100"]
     assert "| 0 |" in result.stdout and "| 1 |" in result.stdout
+
+
+@pytest.mark.slow
+def test_fusion_dev_script_scores_once_and_reports_each_weight(pair, tmp_path):
+    _, end = pair
+    data = make_data_folder(tmp_path / "data")
+    out = tmp_path / "fusion.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "fusion_dev.py"), str(end), "--weights", "0", "1000", "--data",
+         str(data), "--dev-queries", "1", "--max-length", "64", "--threads", "1", "--output", str(out)],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["weight"] for r in rows] == [0.0, 1000.0]
+    # a huge weight ranks by BM25 alone: the first stage's own nDCG@10 on the dev query
+    import ir_measures
+
+    evaluator = __import__("interpolate").dev_evaluator(data, 1, 64)
+    bm25 = ir_measures.calc_aggregate([ir_measures.nDCG @ 10], evaluator.qrels,
+                                         {q: dict(h) for q, h in evaluator.first_stage.ranking().items()})
+    assert rows[1]["dev_ndcg@10_top100"] == pytest.approx(bm25[ir_measures.nDCG @ 10], abs=1e-4)
