@@ -118,10 +118,15 @@ def test_explicit_kernel_backend_without_kernel_is_an_error(tiny_tokenizer, monk
         model(**pairs_batch(tiny_tokenizer, ragged_pairs()), attention_backend="kernel")
 
 
-def test_remote_code_imports_and_runs_without_kernels(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("kernels_installed", [False, True])
+def test_remote_code_imports_and_runs_without_kernels(tiny_model_dir, tmp_path, kernels_installed):
+    """The Hub folder alone (no sparse_ce package) loads and runs on CPU through its fallback, with `kernels`
+    unimportable or installed. transformers >= 5.25 requires `kernels` and kernelizes every model in from_pretrained,
+    failing when it is missing; its switch USE_HUB_KERNELS=NO stands for the older transformers that did not."""
+    hide = "" if kernels_installed else 'sys.modules["kernels"] = None  # not installed'
     script = f"""
 import sys
-sys.modules["kernels"] = None  # not installed
+{hide}
 sys.modules["sparse_ce"] = None  # a Hub folder alone, without the package
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 path = {str(tiny_model_dir)!r}
@@ -131,6 +136,8 @@ assert type(model).__module__.startswith("transformers_modules")
 print(model(**tok(["do goldfish grow"], ["goldfish grow"], return_tensors="pt")).logits.shape)
 """
     env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
+    if not kernels_installed:
+        env["USE_HUB_KERNELS"] = "NO"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "torch.Size([1, 1])" in result.stdout
