@@ -6,8 +6,8 @@ collection's first stage with every system (a cross-encoder folder, or a sentenc
 cosine similarity), writes one TREC run per system and collection, computes the measures with ir_measures, and tests
 every system against ``--baseline`` per collection and over all queries pooled. The first stage itself is reported
 as the system ``bm25``; ``--fuse-first-stage W`` adds ``NAME+bm25`` per system, its run fused with the first stage
-(:mod:`..rank.fusion`) without scoring again. Existing run files are reused (``--rerun`` recomputes them), so an interrupted evaluation
-resumes where it stopped.
+(:mod:`..rank.fusion`) without scoring again. Existing run files are reused (``--rerun`` recomputes them), so an
+interrupted evaluation resumes where it stopped.
 """
 
 from __future__ import annotations
