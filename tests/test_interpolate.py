@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ir_measures
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,7 +16,6 @@ from tiny import make_data_folder, make_model_folder
 from sparse_ce.train.interpolate import interpolate
 
 ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
 
 
 @pytest.fixture
@@ -85,7 +85,8 @@ def test_interpolate_script_scores_the_dev_queries_per_alpha(pair, tmp_path):
 
 
 @pytest.mark.slow
-def test_fusion_dev_script_scores_once_and_reports_each_weight(pair, tmp_path):
+def test_fusion_dev_script_scores_once_and_reports_each_weight(pair, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
     _, end = pair
     data = make_data_folder(tmp_path / "data")
     out = tmp_path / "fusion.jsonl"
@@ -98,9 +99,9 @@ def test_fusion_dev_script_scores_once_and_reports_each_weight(pair, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["weight"] for r in rows] == [0.0, 1000.0]
     # a huge weight ranks by BM25 alone: the first stage's own nDCG@10 on the dev query
-    import ir_measures
+    from interpolate import dev_evaluator  # experiments/interpolate.py
 
-    evaluator = __import__("interpolate").dev_evaluator(data, 1, 64)
+    evaluator = dev_evaluator(data, 1, 64)
     bm25 = ir_measures.calc_aggregate([ir_measures.nDCG @ 10], evaluator.qrels,
                                          {q: dict(h) for q, h in evaluator.first_stage.ranking().items()})
     assert rows[1]["dev_ndcg@10_top100"] == pytest.approx(bm25[ir_measures.nDCG @ 10], abs=1e-4)
