@@ -24,8 +24,8 @@ import ir_measures
 from ..cli import UsageError
 from ..data import read_run, write_run
 from ..data.collections import COLLECTIONS, Collection, load_collection
-from ..rank.fusion import check_weight, fuse_first_stage
-from ..rank.rerank import add_scoring_arguments, make_scorer
+from ..rank.fusion import fuse_first_stage
+from ..rank.rerank import add_scoring_arguments, check_fusion_argument, make_scorer
 from ..rank.shards import process_group, score_first_stage
 from ..runtime import set_threads
 from .equivalence import equivalence_summary, tost
@@ -64,11 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if baseline not in systems and baseline != FIRST_STAGE:
         raise UsageError(f"--baseline: {baseline!r} is not one of the systems {', '.join(systems)}")
     fusion = getattr(args, "fuse_first_stage", None)
-    if fusion is not None:
-        try:
-            check_weight(fusion, "--fuse-first-stage")
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+    check_fusion_argument(fusion)
     rank, _ = process_group()
     depths = _collection_depths(args)
     per_query = {}
@@ -81,13 +77,16 @@ def run(args: argparse.Namespace) -> int:
             path = args.output_dir / "runs" / run_name(system, collection.name, depth, args.limit_queries)
             if args.rerun or not path.is_file():
                 rerank(model, collection, path, system, args)
-            if rank == 0:
-                per_query[collection.name][system] = measure_run(collection, read_run(path))
-            if rank == 0 and fusion is not None:
-                fused = fuse_first_stage(read_run(path), collection.first_stage, fusion)
-                name = f"{system}+{FIRST_STAGE}"
-                write_run(path.with_name(run_name(name, collection.name, depth, args.limit_queries)), fused, name)
-                per_query[collection.name][name] = measure_run(collection, fused)
+            if rank != 0:
+                continue
+            run = read_run(path)
+            per_query[collection.name][system] = measure_run(collection, run)
+            if fusion is not None:
+                fused = fuse_first_stage(run, collection.first_stage, fusion)
+                fused_name = f"{system}+{FIRST_STAGE}"
+                fused_path = path.with_name(run_name(fused_name, collection.name, depth, args.limit_queries))
+                write_run(fused_path, fused, fused_name)
+                per_query[collection.name][fused_name] = measure_run(collection, fused)
         per_query[collection.name][FIRST_STAGE] = first_stage_scores(collection)  # the reference line, listed last
     if rank != 0:  # another process of a torchrun launch: it helped score, the main one reports
         return 0

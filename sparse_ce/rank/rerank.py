@@ -112,7 +112,7 @@ def make_scorer(model: str, args: argparse.Namespace, progress: bool = True, max
 
 def run(args: argparse.Namespace) -> int:
     """Re-rank, write the run and print truncation, measures, run path, time and throughput."""
-    _check_fusion(args)
+    check_fusion_argument(args.fuse_first_stage)
     threads = set_threads(args.threads)
     first_stage = _read_first_stage(args)
     store = _open_index(args) if args.index else None
@@ -145,10 +145,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_fusion(args: argparse.Namespace) -> None:
-    """A bad fusion weight is refused before scoring, not after (the scores would be lost)."""
+def check_fusion_argument(weight: float | None) -> None:
+    """Refuse a bad ``--fuse-first-stage`` (``None``: not given) as a usage error, before scoring rather than after
+    (the scores would be lost); ``rerank`` and ``evaluate`` both call it."""
+    if weight is None:
+        return
     try:
-        check_weight(args.fuse_first_stage, "--fuse-first-stage")
+        check_weight(weight, "--fuse-first-stage")
     except ValueError as error:
         raise UsageError(str(error)) from None
 
