@@ -217,6 +217,25 @@ def make_loss(args, model: CrossEncoder, loss=None):
     return losses.LambdaLoss(model)
 
 
+def training_pool(args) -> tuple[dict, dict, list[str], list[str]]:
+    """The pooled training queries, their judged grades, the qrels files read and the held-out dev query ids."""
+    sources = args.train_data or default_sources(args.data)
+    qrels = args.train_qrels
+    if qrels is None:
+        qrels = [str(p) for p in [args.data / "trec-dl" / "qrels.dl21-passage.txt"] if p.is_file()]
+    pool = pooling.read_training_pool(sources, args.candidates_per_source)
+    grades = pooling.read_grades(qrels)
+    dev_ids = pooling.dev_split(pool, grades, args.dev_queries, seed=0) if args.dev_queries else []
+    return pool, grades, qrels, dev_ids
+
+
+def dev_evaluator(args, dev_ids: list[str], qrels: list[str], curve: Path | None = None,
+                  autocast: torch.dtype | None = None) -> DevRerankingEvaluator:
+    """The evaluator that re-ranks the dev queries' BM25 run at ``--dev-depths`` (also used by experiments/)."""
+    return DevRerankingEvaluator(dev_first_stage(args, dev_ids), qrels[0], depths=tuple(args.dev_depths), curve=curve,
+                                 max_length=args.max_length, autocast=autocast)
+
+
 def dev_first_stage(args, dev_ids: list[str]) -> FirstStage:
     """The dev queries' BM25 run (DL21 BM25 top-100 under --data), the setting of the test collections."""
     stage = read_dl_json(args.data / "trec-dl" / "bm25_top100_dl21.json")
@@ -305,13 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                     score_head=args.score_head)
             (output / "learning_curve.jsonl").unlink(missing_ok=True)
 
-    sources = args.train_data or default_sources(args.data)
-    qrels = args.train_qrels
-    if qrels is None:
-        qrels = [str(p) for p in [args.data / "trec-dl" / "qrels.dl21-passage.txt"] if p.is_file()]
-    pool = pooling.read_training_pool(sources, args.candidates_per_source)
-    grades = pooling.read_grades(qrels)
-    dev_ids = pooling.dev_split(pool, grades, args.dev_queries, seed=0) if args.dev_queries else []
+    pool, grades, qrels, dev_ids = training_pool(args)
     dataset = build_dataset(args, training_args, pool, grades, set(dev_ids))
     logger.info("training set: %d rows (%s) from %d queries; dev: %d queries", len(dataset), args.loss,
                 len(pool) - len(dev_ids), len(dev_ids))
@@ -327,9 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("%d training pairs are longer than max_length %d and are cut", cut, args.max_length)
     evaluator = None
     if dev_ids:
-        evaluator = DevRerankingEvaluator(dev_first_stage(args, dev_ids), qrels[0], depths=tuple(args.dev_depths),
-                                          curve=output / "learning_curve.jsonl", max_length=args.max_length,
-                                          autocast=torch.bfloat16 if bf16 else None)
+        evaluator = dev_evaluator(args, dev_ids, qrels, curve=output / "learning_curve.jsonl",
+                                  autocast=torch.bfloat16 if bf16 else None)
     if evaluator is not None and not resume:
         evaluator(model, steps=0)  # the learning curve starts at the initial weights
     clock = _training_clock(evaluator, output if resume else None)

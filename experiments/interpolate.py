@@ -14,25 +14,22 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train_st  # noqa: E402
 from sparse_ce.runtime import set_threads  # noqa: E402
-from sparse_ce.train import pool as pooling  # noqa: E402
 from sparse_ce.train.dev import DevRerankingEvaluator  # noqa: E402
 from sparse_ce.train.interpolate import interpolate  # noqa: E402
 
 
 def dev_evaluator(data: Path, dev_queries: int, max_length: int) -> DevRerankingEvaluator:
-    """The dev evaluator of ``train_st.py`` (its default pool, qrels and split)."""
-    pool = pooling.read_training_pool(train_st.default_sources(data))
-    qrels = str(data / "trec-dl" / "qrels.dl21-passage.txt")
-    dev_ids = pooling.dev_split(pool, pooling.read_grades([qrels]), dev_queries, seed=0)
-    stage = train_st.dev_first_stage(SimpleNamespace(data=data), dev_ids)
-    return DevRerankingEvaluator(stage, qrels, depths=(15, 100), max_length=max_length)
+    """The dev evaluator of ``train_st.py`` with its defaults (pool, qrels, split, depths)."""
+    args = train_st.parse_args(["--output", "-", "--data", str(data), "--dev-queries", str(dev_queries),
+                                "--max-length", str(max_length)])
+    _, _, qrels, dev_ids = train_st.training_pool(args)
+    return train_st.dev_evaluator(args, dev_ids, qrels)
 
 
 def main() -> int:
