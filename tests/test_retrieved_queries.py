@@ -79,3 +79,12 @@ def test_train_st_adds_retrieved_queries_but_never_test_queries(tmp_path):
     (dl / "topics.dl20.txt").unlink()
     with pytest.raises(SystemExit, match="test topics"):
         train_st.training_pool(args)
+
+
+def test_default_teacher_fills_the_score_files_gaps_with_the_fetched_mpnet(tmp_path):
+    from sparse_ce.train import mpnet
+
+    args = train_st.parse_args(["--output", str(tmp_path / "out"), "--data", str(tmp_path / "data")])
+    specs = train_st.teacher_specs(args)
+    assert [spec.weight for spec in specs] == [1.0, 0.3] and specs[1].source == "bm25"
+    assert specs[0].source == f"scores:{tmp_path / 'data'}/{train_st.MPNET_SCORES}|{mpnet.DEFAULT_OUTPUT}"
