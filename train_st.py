@@ -35,7 +35,6 @@ import torch
 from datasets import DatasetDict
 from sentence_transformers.cross_encoder import (
     CrossEncoder,
-    CrossEncoderTrainer,
     CrossEncoderTrainingArguments,
     losses,
 )
@@ -44,7 +43,6 @@ try:
 except ImportError:  # sentence-transformers 5
     from sentence_transformers.training_args import BatchSamplers
 from torch import nn
-from transformers import TrainerCallback
 
 from sparse_ce.eval import evaluate as evaluation
 from sparse_ce.convert import convert, parse_window
@@ -56,6 +54,7 @@ from sparse_ce.train.losses import ListwiseCorrelationLoss, ListwiseDistillation
 from sparse_ce.train.output import save, write_card
 from sparse_ce.train.representation import RepresentationDistillationLoss, representation_dataset
 from sparse_ce.train.teacher import TeacherSpec, teacher_scores
+from sparse_ce.train.trainer import MainProcessTrainer, TimeBudget, cut_documents
 from sparse_ce.precompute.convert import convert_mixencoder
 
 logger = logging.getLogger("train_st")
@@ -236,11 +235,11 @@ def training_pool(args) -> tuple[dict, dict, list[str], list[str]]:
     dev_ids = pooling.dev_split(pool, grades, args.dev_queries, seed=0) if args.dev_queries else []
     if args.retrieved_queries:
         pool.update(pooling.retrieved_queries(args.retrieved_queries, pool, args.retrieved_depth, held_out=dev_ids,
-                                              excluded_texts=test_query_texts(args)))
+                                              excluded_texts=excluded_query_texts(args)))
     return pool, grades, qrels, dev_ids
 
 
-def test_query_texts(args) -> list[str]:
+def excluded_query_texts(args) -> list[str]:
     """Texts of the test collections' queries (--test-topics; default DL19/DL20 under --data)."""
     files = args.test_topics
     if files is None:
@@ -266,45 +265,6 @@ def dev_first_stage(args, dev_ids: list[str]) -> FirstStage:
     if missing:
         raise SystemExit(f"--dev-queries: {missing} have no DL21 BM25 run under {args.data}")
     return FirstStage({q: stage.queries[q] for q in dev_ids}, {q: stage.candidates[q] for q in dev_ids})
-
-
-class MainProcessTrainer(CrossEncoderTrainer):
-    """``CrossEncoderTrainer`` whose checkpoints only the main process writes. transformers 5.2x checks
-    ``should_save`` inside ``Trainer._save``, which sentence-transformers overrides without that check, so under
-    torchrun every process wrote the same checkpoint folder (one read another's half-written ``config.json``)."""
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        if self.args.should_save:
-            super()._save(output_dir, state_dict=state_dict)
-
-
-class TimeBudget(TrainerCallback):
-    """Stops training once ``seconds`` of training wall-clock (the dev evaluator's clock) are spent."""
-
-    def __init__(self, seconds: float, clock) -> None:
-        self.seconds, self.clock = seconds, clock
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.clock() >= self.seconds:
-            logger.info("time budget of %.0f s spent at step %d", self.seconds, state.global_step)
-            control.should_training_stop = control.should_evaluate = control.should_save = True
-        return control
-
-
-def cut_documents(model: CrossEncoder, dataset) -> int:
-    """Distinct (query, document) pairs of the training set longer than the model's max_length: the trainer's
-    tokenizer cuts them (longest first, so the document)."""
-    if isinstance(dataset, DatasetDict):
-        return sum(cut_documents(model, part) for part in dataset.values())
-    columns = dataset.column_names[1:] if "label" not in dataset.column_names[-1] else dataset.column_names[1:-1]
-    pairs = set()
-    for row in dataset:
-        for column in columns:
-            docs = row[column] if isinstance(row[column], list) else [row[column]]
-            pairs.update((row["query"], doc) for doc in docs)
-    queries, docs = zip(*pairs) if pairs else ((), ())
-    lengths = model.tokenizer(list(queries), list(docs))["input_ids"] if pairs else []
-    return sum(len(ids) > model.max_seq_length for ids in lengths)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,8 +65,9 @@ def retrieved_queries(
     """Queries without a first stage of their own, with their BM25 top-``depth`` over the pool's passages.
 
     The DL21/DL22 topic files list some 850 queries that were never judged and have no candidates here; retrieving
-    for them from the training queries' passages gives them candidates a teacher can score (mostly partial lexical
-    matches: the hard part of re-ranking a first stage). Queries already pooled are skipped.
+    for them from the training queries' passages gives them candidates a teacher can score. Over the DL21/22 pools
+    those are mostly partial matches from other topics, and training on them lowered dev nDCG@10
+    (docs/training.md, section 11); with a real corpus they are a first stage. Queries already pooled are skipped.
 
     Args:
         topic_files: TSV ``qid<TAB>query`` (or TREC) topic files.
