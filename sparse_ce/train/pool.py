@@ -78,12 +78,12 @@ def retrieved_queries(
             space-insensitively.
     """
     held_out = set(held_out)
-    excluded = {" ".join(text.lower().split()) for text in excluded_texts}
+    excluded = {_normalised(text) for text in excluded_texts}
     topics: dict[str, str] = {}
     skipped = 0
     for path in topic_files:
         for qid, text in read_topics(path).items():
-            if qid in pool or " ".join(text.lower().split()) in excluded:
+            if qid in pool or _normalised(text) in excluded:
                 skipped += 1
             else:
                 topics.setdefault(qid, text)
@@ -93,6 +93,11 @@ def retrieved_queries(
     logger.info("retrieved queries: %d with candidates (BM25 top-%d over %d passages); %d topics skipped as pooled or "
                 "excluded", len(retrieved), depth, len(corpus), skipped)
     return retrieved
+
+
+def _normalised(text: str) -> str:
+    """Lower case, runs of white space as one space: how query texts are compared."""
+    return " ".join(text.lower().split())
 
 
 def _read_irds(source: str) -> FirstStage:
