@@ -130,23 +130,43 @@ def bm25_cache_key(topics: dict[str, str], docs: dict[str, str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def bm25_run(topics: dict[str, str], docs: dict[str, str], depth: int) -> dict[str, list[tuple[str, float]]]:
-    """BM25 (bm25s, Lucene scoring, English stop words, Snowball stemming) top-``depth`` per query."""
-    import bm25s
-    import Stemmer
+class BM25Index:
+    """A bm25s index of ``docs`` with :data:`BM25_SETTINGS` (Lucene scoring, English stop words, Snowball stemming):
+    the one place that tokenises and indexes for BM25, used by the test collections' first stage and the BM25
+    teacher of :mod:`sparse_ce.train.teacher`."""
 
-    stemmer = Stemmer.Stemmer("english")
-    docids = list(docs)
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize([docs[d] for d in docids], stopwords="en", stemmer=stemmer, show_progress=False),
-                    show_progress=False)
-    qids = list(topics)
-    tokens = bm25s.tokenize([topics[q] for q in qids], stopwords="en", stemmer=stemmer, show_progress=False)
-    hits, scores = retriever.retrieve(tokens, k=min(depth, len(docids)), show_progress=False)
-    return {
-        qid: [(docids[int(i)], float(s)) for i, s in zip(hits[row], scores[row]) if s > 0]
-        for row, qid in enumerate(qids)
-    }
+    def __init__(self, docs: dict[str, str]) -> None:
+        import bm25s
+        import Stemmer
+
+        self._bm25s = bm25s
+        self.stemmer = Stemmer.Stemmer("english")
+        self.docids = list(docs)
+        self.retriever = bm25s.BM25()
+        self.retriever.index(self._tokenize([docs[d] for d in self.docids]), show_progress=False)
+
+    def _tokenize(self, texts: list[str], return_ids: bool = True):
+        return self._bm25s.tokenize(texts, stopwords="en", stemmer=self.stemmer, show_progress=False,
+                                    return_ids=return_ids)
+
+    def retrieve(self, topics: dict[str, str], depth: int) -> dict[str, list[tuple[str, float]]]:
+        """The top-``depth`` documents with a positive score per query, best first."""
+        qids = list(topics)
+        hits, scores = self.retriever.retrieve(self._tokenize([topics[q] for q in qids]),
+                                               k=min(depth, len(self.docids)), show_progress=False)
+        return {
+            qid: [(self.docids[int(i)], float(s)) for i, s in zip(hits[row], scores[row]) if s > 0]
+            for row, qid in enumerate(qids)
+        }
+
+    def scores(self, query: str) -> list[float]:
+        """The BM25 score of every document for ``query``, in the order of ``docids``."""
+        return self.retriever.get_scores(self._tokenize([query], return_ids=False)[0]).tolist()
+
+
+def bm25_run(topics: dict[str, str], docs: dict[str, str], depth: int) -> dict[str, list[tuple[str, float]]]:
+    """BM25 top-``depth`` per query (:class:`BM25Index`)."""
+    return BM25Index(docs).retrieve(topics, depth)
 
 
 def _irds(name: str, cache: Path, depth: int) -> Collection:

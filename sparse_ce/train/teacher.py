@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..data import open_text
+from ..data.collections import BM25Index
 from ..rank.fusion import zscore
 from .pool import TrainingQuery, flatten
 
@@ -142,21 +143,12 @@ def read_score_file(path: str | Path) -> dict[str, dict[str, float]]:
 
 
 def bm25_pool_scores(pool: Mapping[str, TrainingQuery]) -> dict[str, dict[str, float]]:
-    """BM25 (bm25s, Lucene, English stop words, Snowball stemming) of every pooled pair, over the pool as corpus."""
-    import bm25s
-    import Stemmer
-
-    stemmer = Stemmer.Stemmer("english")
-    texts = {docid: text for entry in pool.values() for docid, text in entry.documents.items()}
-    docids = list(texts)
-    row = {docid: i for i, docid in enumerate(docids)}
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize([texts[d] for d in docids], stopwords="en", stemmer=stemmer, show_progress=False),
-                    show_progress=False)
+    """BM25 (:class:`~sparse_ce.data.collections.BM25Index`) of every pooled pair, over the pool as corpus."""
+    index = BM25Index({docid: text for entry in pool.values() for docid, text in entry.documents.items()})
+    row = {docid: i for i, docid in enumerate(index.docids)}
     scores = {}
     for qid, entry in pool.items():
-        tokens = bm25s.tokenize([entry.text], stopwords="en", stemmer=stemmer, show_progress=False, return_ids=False)[0]
-        all_scores = retriever.get_scores(tokens)
+        all_scores = index.scores(entry.text)
         scores[qid] = {docid: float(all_scores[row[docid]]) for docid in entry.documents}
     return scores
 
