@@ -48,6 +48,8 @@ class Teacher:
     """
 
     def __init__(self, model: str | Path, batch_size: int = 64, device: str | None = None) -> None:
+        if Path(model).is_absolute() and not Path(model).exists():  # a folder, not a Hub id: say so, not a Hub error
+            raise ValueError(f"teacher: {model} does not exist (`sparse-ce fetch-teacher` assembles all-mpnet-base-v2)")
         self.name = str(model)
         self.batch_size = batch_size
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -195,8 +197,6 @@ def component_scores(
             for qid, scores in component_scores(fill, missing_pool(pool, missing), cache_dir).items():
                 table.setdefault(qid, {}).update(scores)
         return {qid: {d: table[qid][d] for d in entry.documents} for qid, entry in pool.items()}
-    if Path(source).is_absolute() and not Path(source).exists():
-        raise ValueError(f"teacher: {source} does not exist (`sparse-ce fetch-teacher` assembles all-mpnet-base-v2)")
     qids, texts, docids = flatten(pool)
     docs = [pool[q].documents[d] for q, d in zip(qids, docids)]
     scores = cached_teacher_scores(Teacher(source), texts, docs, None if cache_dir is None else Path(cache_dir))
