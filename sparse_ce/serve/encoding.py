@@ -1,0 +1,67 @@
+"""Tokenising a request's pairs into model rows, with TEI's ``truncate`` and ``truncation_direction``.
+
+Rows are what :meth:`~sparse_ce.rank.scoring.PairScorer.encode` makes (the tokenizer's own pair template,
+``[CLS] q [SEP] d [SEP]`` for BERT), so pairs that fit get the ids ``CrossEncoder.predict`` gives them. The query is
+tokenised once per request and never cut (as in ``rerank``); a document that does not fit is cut at its end
+(``Right``) or start (``Left``) when ``truncate`` is true, and refused (413, naming the limit) when it is false. The
+server works on its own copy of the fast tokenizer's backend, so no other caller's truncation settings leak in.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerBase
+
+from ..rank.scoring import MIN_DOCUMENT_TOKENS, Row
+from .schemas import RequestError, RerankRequest
+
+
+class PairEncoder:
+    """Rows of (query, text) pairs for a tokenizer and a maximum row length.
+
+    Args:
+        tokenizer: A fast tokenizer (its backend is copied).
+        max_length: Tokens per row (``--max-input-length``; the scorer's ``max_length``).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        if self.backend.post_processor is None:
+            raise ValueError("the tokenizer has no pair template (post-processor); a cross-encoder needs one")
+        self.max_length = max_length
+        self.specials = self.backend.num_special_tokens_to_add(True)
+
+    def encode(self, request: RerankRequest) -> tuple[list[Row], int, int]:
+        """Rows of the request's text documents (``Row.pair``: the document's position), longest first, the number
+        of documents cut and the tokens of all rows.
+
+        Raises:
+            RequestError: 422 for a query that leaves under :data:`MIN_DOCUMENT_TOKENS` document tokens, 413 for a
+                pair longer than ``max_length`` when ``truncate`` is false.
+        """
+        query = self.backend.encode(request.query, add_special_tokens=False)
+        room = self.max_length - self.specials - len(query.ids)
+        if not query.ids:
+            raise RequestError(400, "query: no tokens", "Empty")
+        if room < MIN_DOCUMENT_TOKENS:
+            raise RequestError(422, f"query: {len(query.ids)} tokens leave {room} of the maximum input length "
+                                    f"{self.max_length} for a document (at least {MIN_DOCUMENT_TOKENS} needed); the "
+                                    f"query is never cut")
+        positions = [i for i, text in enumerate(request.texts) if text is not None]
+        documents = self.backend.encode_batch([request.texts[i] for i in positions], add_special_tokens=False)
+        rows, cut, tokens = [], 0, 0
+        for position, document in zip(positions, documents):
+            if len(document.ids) > room:
+                if not request.truncate:
+                    length = len(query.ids) + len(document.ids) + self.specials
+                    raise RequestError(413, f"{request.documents_name}[{position}]: the pair has {length} tokens, more than the maximum "
+                                            f"input length {self.max_length}; shorten it or pass truncate=true")
+                document.truncate(room, direction="left" if request.left else "right")
+                cut += 1
+            pair = self.backend.post_processor.process(query, document, True)
+            rows.append(Row(position, pair.ids, pair.type_ids))
+            tokens += len(pair.ids)
+        rows.sort(key=lambda row: -len(row.input_ids))
+        return rows, cut, tokens
