@@ -32,7 +32,8 @@ DOCS = {
     "d7": "wifi vs bluetooth",
 }
 QUERIES = {"q1": "how long is the life cycle of a flea", "q2": "do goldfish grow",
-           "q3": "what is the sparse attention window of a model and how does it rank a query and a document"}
+           "q3": "what is the sparse attention window of a model and how does it rank"}  # 14 tokens: the limit
+TOO_LONG = "what is the sparse attention window of a model and how does it rank a query and a document"
 
 
 @torch.inference_mode()
@@ -139,6 +140,8 @@ def test_store_scores_equal_pair_scores(mix_dir, tmp_path):
         assert [d for d, _ in ranked] == [docids[i] for i in stored.argsort(descending=True)[:3]]
     with pytest.raises(KeyError, match="nope"):
         ranker.score("dog", ["d1", "nope"])
+    with pytest.raises(ValueError, match="19 tokens exceed the MixEncoder's max_query_length 16"):
+        ranker.score(TOO_LONG, docids)  # never cut
 
 
 def test_ranker_from_pretrained_ranks_stored_ids(mix_c_dir, tmp_path):
@@ -255,8 +258,14 @@ def test_rerank_from_index_equals_rerank(mix_c_dir, tiny_model_dir, dl_json, tmp
     index = tmp_path / "store"
     assert main(["index", str(mix_c_dir), "--corpus", str(dl_json), "--output", str(index), "--no-progress",
                  "--shard-size", "4", "--limit", "6"]) == 0  # d7 not in the store: scored on the fly
-    # q3 is longer than max_query_length: the pair rows still leave its documents max_candidate_length tokens
+    # q3 fills max_query_length: the pair rows still leave its documents max_candidate_length tokens
     rerank = ["rerank", "--model", str(mix_c_dir), "--dl-json", str(dl_json), "--dtype", "float32", "--no-progress"]
+    too_long = tmp_path / "too-long.json"
+    too_long.write_text(dl_json.read_text().replace(QUERIES["q3"], TOO_LONG))
+    for extra in ([], ["--index", str(index)]):  # a query over max_query_length is refused, never cut
+        assert main([*rerank[:4], str(too_long), *rerank[5:], "--output", str(tmp_path / "long.run"), *extra]) == 2
+        assert "19 tokens exceed the MixEncoder's max_query_length 16" in capsys.readouterr().err
+    assert not (tmp_path / "long.run").exists()
     assert main([*rerank, "--output", str(tmp_path / "plain.run")]) == 0
     assert main([*rerank, "--output", str(tmp_path / "index.run"), "--index", str(index)]) == 0
     out = capsys.readouterr().out

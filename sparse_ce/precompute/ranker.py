@@ -62,9 +62,16 @@ class StoreRanker:
 
     @torch.inference_mode()
     def encode_query(self, query: str) -> QueryStates:
-        """The query's states for the interaction layers (``[CLS] q [SEP]`` cut to ``max_query_length``)."""
+        """The query's states for the interaction layers (``[CLS] q [SEP]``).
+
+        Raises:
+            ValueError: for a query over ``max_query_length`` tokens ([CLS] and [SEP] included): never cut.
+        """
         max_length = self.model.config.max_query_length
-        inputs = self.tokenizer(query, truncation=True, max_length=max_length, return_tensors="pt")
+        inputs = self.tokenizer(query, return_tensors="pt")
+        if inputs["input_ids"].shape[1] > max_length:
+            raise ValueError(f"query {query!r}: {inputs['input_ids'].shape[1] - 2} tokens exceed the MixEncoder's "
+                             f"max_query_length {max_length} ([CLS] and [SEP] included); queries are never cut")
         inputs = inputs.to(self.model.device)
         return self.model.encode_queries(inputs["input_ids"], inputs["attention_mask"])
 

@@ -6,7 +6,9 @@ budget allows; short queries may share one), rows sorted by length within the qu
 that padding stays small.
 Pairs are tokenised once, by the tokenizer's own pair encoding (``[CLS] q [SEP] d [SEP]``, right padding); only
 documents are cut (``truncation="only_second"``), or, with MaxP, split into overlapping windows and scored by their
-best window.
+best window. A query is never cut: one too long for the model is a :class:`~.limits.QueryError` naming the limit;
+a MixEncoder's own query and candidate limits are checked in the same place (:class:`~.limits.PairLimits`), so the
+candidate is cut by the tokenizer and counted, never silently inside the model.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..runtime import resolve_dtype
+from .limits import MIN_DOCUMENT_TOKENS, PairLimits, QueryError
+
+__all__ = ["DEFAULT_BATCH_TOKENS", "DTYPES", "MIN_DOCUMENT_TOKENS", "PairScorer", "QueryError", "Row", "ScoringStats",
+           "load_tokenizer"]
 
 logger = logging.getLogger(__name__)
-
-MIN_DOCUMENT_TOKENS = 8
-"""The fewest document tokens a query must leave room for within the maximum length."""
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -131,10 +134,11 @@ class PairScorer:
         model = name
         if config.num_labels != 1:
             raise ValueError(f"{model}: num_labels is {config.num_labels}; a cross-encoder for ranking has one logit")
-        limit = config.max_position_embeddings + getattr(config, "max_candidate_length", 0)  # MixEncoders split pairs
-        if max_length is not None and max_length > limit:
-            raise ValueError(f"max_length: {max_length} exceeds the model's max_position_embeddings {limit}")
-        self.max_length = max_length or min(self.tokenizer.model_max_length, limit)
+        self.limits = PairLimits.of(config, self.tokenizer, max_length)
+        self.max_length = self.limits.max_length
+        # a MixEncoder's own encoders hold [CLS] q [SEP] and [CLS] d [SEP] of at most these many tokens
+        self.max_query_length = self.limits.max_query_length
+        self.max_candidate_length = self.limits.max_candidate_length
         self.batch_tokens = batch_tokens
         self.forward_options = {"attention_backend": attention_backend} if attention_backend else {}
         if attention_backend and getattr(config, "model_type", None) != "sparse_ce":
@@ -163,9 +167,9 @@ class PairScorer:
             The scores (logits) in input order, and what happened to the documents.
 
         Raises:
-            ValueError: for an empty query, or a query too long to leave :data:`MIN_DOCUMENT_TOKENS` document tokens.
+            QueryError: as :meth:`document_room`.
         """
-        rows, stats = self.encode(queries, documents, query_ids)
+        rows, stats = self.encode(queries, documents, query_ids)  # every query checked before the first forward
         scores = self.score_rows(rows, len(queries))
         if stats.empty_documents:
             logger.warning(
@@ -182,6 +186,14 @@ class PairScorer:
             )
         return scores, stats
 
+    def document_room(self, query: str, name: str | None = None) -> tuple[int, int]:
+        """(tokens of ``query``, document tokens a row with it may hold): :meth:`.limits.PairLimits.document_room`."""
+        return self.limits.document_room(self.tokenizer, query, name)
+
+    def check_queries(self, queries: Sequence[str], query_ids: Sequence[str] | None = None) -> None:
+        """Raise :class:`QueryError` for the first query :meth:`document_room` refuses (each distinct query once)."""
+        self.limits.check_queries(self.tokenizer, queries, query_ids)
+
     def encode(
         self, queries: Sequence[str], documents: Sequence[str], query_ids: Sequence[str] | None = None
     ) -> tuple[list[Row], ScoringStats]:
@@ -193,7 +205,8 @@ class PairScorer:
             query_ids: Names of the queries for error messages; default the query texts.
 
         Raises:
-            ValueError: as :meth:`score`, or for lists of different lengths.
+            QueryError: as :meth:`document_room`.
+            ValueError: for lists of different lengths.
         """
         if len(queries) != len(documents) or (query_ids is not None and len(query_ids) != len(queries)):
             raise ValueError(f"{len(queries)} queries, {len(documents)} documents and query_ids differ in length")
@@ -205,21 +218,12 @@ class PairScorer:
         rows_by_query: list[list[Row]] = []
         long_docs, empty_docs = 0, 0
         for query, pairs in groups.items():
-            name = names[pairs[0]]
-            query_len = len(self.tokenizer(query, add_special_tokens=False)["input_ids"])
-            if query_len == 0:
-                raise ValueError(f"query {name!r}: empty query")
-            window = self.max_length - specials - query_len
-            if window < MIN_DOCUMENT_TOKENS:
-                raise ValueError(
-                    f"query {name!r}: {query_len} tokens leave {window} of max_length {self.max_length} for the "
-                    f"document (at least {MIN_DOCUMENT_TOKENS} needed); shorten the query or raise max_length"
-                )
+            query_len, window = self.document_room(query, names[pairs[0]])
             encoded = self.tokenizer(
                 [query] * len(pairs),
                 [documents[i] for i in pairs],
                 truncation="only_second",
-                max_length=self.max_length,
+                max_length=query_len + specials + window,
                 stride=window // 2 if self.maxp else 0,
                 return_overflowing_tokens=True,
                 return_token_type_ids=True,
