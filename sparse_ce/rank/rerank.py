@@ -19,9 +19,11 @@ import torch
 from configuration_sparse_ce import ATTENTION_BACKENDS
 
 from ..cli import UsageError
+from ..errors import positive_int, run_tag
 from ..data import FirstStage, read_dl_json, read_qrels, read_run_first_stage, write_run
 from ..runtime import set_threads
 from .fusion import check_weight, fuse_first_stage
+from .limits import QueryError, model_limits
 from .scoring import DEFAULT_BATCH_TOKENS, DTYPES, PairScorer
 from .shards import score_first_stage
 
@@ -42,19 +44,20 @@ def _measure(name: str) -> ir_measures.Measure:
 
 def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of how pairs are scored, shared by ``rerank`` and ``evaluate``."""
-    parser.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use, at most "
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores this process may use, at most "
                         "OMP_NUM_THREADS)")
     parser.add_argument("--backend", choices=ATTENTION_BACKENDS, help="attention backend of sparse-ce models "
                         "(default: the model's own, normally auto: the fused kernel where one loads)")
-    parser.add_argument("--batch-tokens", type=int,
+    parser.add_argument("--batch-tokens", type=positive_int,
                         help="padded tokens per forward; a query's candidates stay together where they fit (default: "
                         + ", ".join(f"{n} on {d}" for d, n in DEFAULT_BATCH_TOKENS.items()) + ")")
-    parser.add_argument("--max-length", type=int,
+    parser.add_argument("--max-length", type=positive_int,
                         help="tokens per row (default: the tokenizer's, capped by max_position_embeddings)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                         help="compute dtype (default auto: bfloat16 where the CPU or GPU has bfloat16 arithmetic, "
                         "else float32)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_scoring_arguments(parser)
     parser.add_argument("--maxp", action="store_true", help="score long documents by their best overlapping window")
-    parser.add_argument("--limit-queries", type=int, metavar="N", help="re-rank the first N queries only")
+    parser.add_argument("--limit-queries", type=positive_int, metavar="N", help="re-rank the first N queries only")
     parser.add_argument(
         "--fix-text",
         action=argparse.BooleanOptionalAction,
@@ -88,17 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--fuse-first-stage", type=float, default=0.0, metavar="WEIGHT",
                         help="rank by z(model) + WEIGHT * z(first-stage score) per query (default 0: the model alone)")
-    parser.add_argument("--tag", default="sparse-ce", help="run tag (default: sparse-ce)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--tag", type=run_tag, default="sparse-ce", help="run tag, one word (default: sparse-ce)")
 
 
 def make_scorer(model: str, args: argparse.Namespace, progress: bool = True, maxp: bool = False) -> PairScorer:
     """The :class:`PairScorer` of ``--model`` and the scoring options; a bad model is a one-line :class:`UsageError`."""
-    path = Path(model).expanduser()
-    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
-    if looks_local and not (path / "config.json").is_file():
-        problem = "no such folder" if not path.exists() else "not a model folder (no config.json)"
-        raise UsageError(f"--model {model}: {problem}")
+    check_model_folder(model)
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return PairScorer(
@@ -116,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     threads = set_threads(args.threads)
     first_stage = _read_first_stage(args)
     store = _open_index(args) if args.index else None
+    check_queries(args.model, first_stage, args)  # before the weights load
     scorer = make_scorer(args.model, args, progress=not args.no_progress, maxp=args.maxp)
     if store is not None:
         scorer = _store_scorer(scorer, store, first_stage, args)
@@ -143,6 +142,31 @@ def run(args: argparse.Namespace) -> int:
           f"pairs/s, {per_query:.1f} ms per query ({scored.processes} process(es) x {threads} thread(s), "
           f"{str(scorer.model.dtype).removeprefix('torch.')})")
     return 0
+
+
+def check_model_folder(model: str, label: str | None = None) -> None:
+    """Refuse a local path that is not a model folder in one line, naming ``label`` (default ``--model MODEL``;
+    a Hub id is left to the loader)."""
+    path = Path(model).expanduser()
+    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
+    if looks_local and not (path / "config.json").is_file():
+        problem = "no such folder" if not path.exists() else "not a model folder (no config.json)"
+        raise UsageError(f"{label or f'--model {model}'}: {problem}")
+
+
+def check_queries(model: str, first_stage: FirstStage, args: argparse.Namespace, label: str | None = None) -> None:
+    """Refuse an empty query or one too long for ``model`` (queries are never cut) as a usage error, from the
+    model's config and tokenizer alone: before its weights load and before any forward. ``label`` names the model
+    in errors (default ``--model MODEL``)."""
+    check_model_folder(model, label)
+    try:
+        limits, tokenizer = model_limits(model, args.max_length)
+        limits.check_queries(tokenizer, [first_stage.queries[q] for q in first_stage.candidates],
+                             list(first_stage.candidates))
+    except QueryError as error:
+        raise UsageError(str(error)) from None
+    except (OSError, ValueError) as error:  # Hub id not found / offline, unusable tokenizer, bad max_length
+        raise UsageError(f"{label or f'--model {model}'}: {str(error).splitlines()[0]}") from error
 
 
 def check_fusion_argument(weight: float | None) -> None:

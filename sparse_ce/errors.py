@@ -1,0 +1,29 @@
+"""The one exception class of a usage error, in a module of its own so that it is one class however the command
+line is entered: ``sparse-ce``, ``python -m sparse_ce`` or ``python -m sparse_ce.cli`` (run as ``__main__``, cli.py
+is a second module object; a class defined there would not be the one the sub-commands raise)."""
+
+
+class UsageError(Exception):
+    """A bad argument or input file: printed as one line naming it (no traceback), exit status 2."""
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (``--threads``, ``--batch-tokens``, ``--depth`` ...)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def run_tag(text: str) -> str:
+    """An argparse type: a TREC run tag, the sixth field of a run line (non-empty, no whitespace)."""
+    import argparse
+
+    if not text or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"a run tag is one word (no spaces: it is a field of the run line), got {text!r}")
+    return text
