@@ -30,12 +30,14 @@ class Collection:
         first_stage: Queries and candidates in rank order.
         qrels: Judgements.
         relevant_grade: The lowest grade counted as relevant by binary measures (2 on TREC DL passages).
+        text_repair: Whether the texts were repaired with ftfy (the TREC DL JSON files carry mojibake).
     """
 
     name: str
     first_stage: FirstStage
     qrels: list[ir_measures.Qrel]
     relevant_grade: int = 1
+    text_repair: bool = False
 
     def measures(self) -> list[ir_measures.Measure]:
         """nDCG@10 (graded), RR@10, R@10 and R@100 (binary at :attr:`relevant_grade`)."""
@@ -49,7 +51,8 @@ def _dl(year: int) -> Callable[[Path, Path, int], Collection]:
     def load(data: Path, cache: Path, depth: int) -> Collection:
         folder = data / "trec-dl"
         stage = read_dl_json(folder / f"bm25_top100_dl{year}.json")
-        return Collection(f"dl{year}", stage, read_qrels(folder / f"qrels.dl{year}-passage.txt"), relevant_grade=2)
+        return Collection(f"dl{year}", stage, read_qrels(folder / f"qrels.dl{year}-passage.txt"), relevant_grade=2,
+                          text_repair=True)  # read_dl_json repairs by default
 
     return load
 

@@ -7,7 +7,9 @@ cosine similarity), writes one TREC run per system and collection, computes the 
 every system against ``--baseline`` per collection and over all queries pooled. The first stage itself is reported
 as the system ``bm25``; ``--fuse-first-stage W`` adds ``NAME+bm25`` per system, its run fused with the first stage
 (:mod:`..rank.fusion`) without scoring again. Existing run files are reused (``--rerun`` recomputes them), so an
-interrupted evaluation resumes where it stopped.
+interrupted evaluation resumes where it stopped; each run carries a manifest of what produced it (model path, a hash
+of its files, dtype, backend, max length, depth, query limit, text repair, package version;
+:mod:`..provenance`) and is reused only when that manifest equals the requested one.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import ir_measures
 from ..cli import UsageError
 from ..data import read_run, write_run
 from ..data.collections import COLLECTIONS, Collection, load_collection
+from ..provenance import ModelNotFound, forget, matching_result, model_digest, package_version, write_manifest
 from ..rank.fusion import fuse_first_stage
-from ..rank.rerank import add_scoring_arguments, check_fusion_argument, make_scorer
+from ..errors import positive_int
+from ..rank.rerank import add_scoring_arguments, check_fusion_argument, check_queries, make_scorer
 from ..rank.shards import process_group, score_first_stage
-from ..runtime import set_threads
+from ..runtime import resolve_dtype, set_threads
 from .equivalence import equivalence_summary, tost
 
 logger = logging.getLogger(__name__)
@@ -44,10 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", help="system the others are tested against (default: the first)")
     parser.add_argument("--bound", type=float, default=0.02, help="TOST equivalence bound on nDCG@10 (default 0.02)")
     parser.add_argument("--alpha", type=float, default=0.05, help="TOST significance level (default 0.05)")
-    parser.add_argument("--depth", type=int, default=100, help="candidates re-ranked per query (default 100)")
+    parser.add_argument("--depth", type=positive_int, default=100, help="candidates re-ranked per query (default 100)")
     parser.add_argument("--collection-depth", nargs="+", default=[], metavar="NAME=DEPTH",
                         help="another depth for some collections, e.g. scifact=30 (long abstracts)")
-    parser.add_argument("--limit-queries", type=int, metavar="N", help="first N judged queries of each collection")
+    parser.add_argument("--limit-queries", type=positive_int, metavar="N", help="first N judged queries of each collection")
     parser.add_argument("--output-dir", type=Path, required=True, help="runs/, results.json and results.md go here")
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="offline data folder")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "sparse-ce", help="BM25 runs")
@@ -60,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     systems = dict(_parse_system(s) for s in args.system)
+    digests = {name: _system_digest(name, model) for name, model in systems.items()}  # a missing model: before work
     baseline = args.baseline or next(iter(systems))
     if baseline not in systems and baseline != FIRST_STAGE:
         raise UsageError(f"--baseline: {baseline!r} is not one of the systems {', '.join(systems)}")
@@ -67,21 +72,33 @@ def run(args: argparse.Namespace) -> int:
     check_fusion_argument(fusion)
     rank, _ = process_group()
     depths = _collection_depths(args)
-    per_query = {}
-    for name in args.collections:
+    from ..train.teacher import is_bi_encoder
+
+    collections = []
+    for name in args.collections:  # all loaded and their queries checked before the first system scores
         depth = depths.get(name, args.depth)
-        collection = load_collection(name, args.data, args.cache_dir, depth)
-        collection = truncate(collection, depth, args.limit_queries)
+        collection = truncate(load_collection(name, args.data, args.cache_dir, depth), depth, args.limit_queries)
+        for system, model in systems.items():
+            if not is_bi_encoder(model):
+                check_queries(model, collection.first_stage, args, label=f"--system {system}={model}")
+        collections.append((collection, depth))
+    per_query = {}
+    for collection, depth in collections:
         per_query[collection.name] = {}
         for system, model in systems.items():
             path = args.output_dir / "runs" / run_name(system, collection.name, depth, args.limit_queries)
-            if args.rerun or not path.is_file():
+            manifest = run_manifest(model, digests[system], collection, depth, args.limit_queries, args)
+            if args.rerun or not matching_result(path, manifest):
+                if rank == 0:
+                    forget(path)
                 rerank(model, collection, path, system, args)
+                if rank == 0:
+                    write_manifest(path, manifest)
             if rank != 0:
                 continue
             run = read_run(path)
             per_query[collection.name][system] = measure_run(collection, run)
-            if fusion is not None:
+            if fusion:  # 0 (like rerank's default): the model alone, no fused row
                 fused = fuse_first_stage(run, collection.first_stage, fusion)
                 fused_name = f"{system}+{FIRST_STAGE}"
                 fused_path = path.with_name(run_name(fused_name, collection.name, depth, args.limit_queries))
@@ -116,6 +133,38 @@ def _collection_depths(args: argparse.Namespace) -> dict[str, int]:
     return depths
 
 
+def _system_digest(name: str, model: str) -> str:
+    try:
+        return model_digest(model)
+    except ModelNotFound as error:
+        raise UsageError(f"--system {name}={model}: {str(error).removeprefix(model + ': ')}") from None
+
+
+def run_manifest(model: str, digest: str, collection: Collection, depth: int, limit_queries: int | None,
+                 options: argparse.Namespace) -> dict:
+    """Everything that produced a run: a reused run must match it exactly. A bi-encoder scores in float32 with its
+    own settings, so the cross-encoder options do not apply to it."""
+    from ..train.teacher import is_bi_encoder
+
+    import torch
+
+    cross = not is_bi_encoder(model)
+    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return {
+        "model": str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model,
+        "weights_sha256": digest,
+        "scorer": "cross-encoder" if cross else "bi-encoder (cosine)",
+        "dtype": resolve_dtype(options.dtype, device) if cross else "float32",
+        "backend": options.backend if cross else None,
+        "max_length": options.max_length if cross else None,
+        "collection": collection.name,
+        "depth": depth,
+        "limit_queries": limit_queries,
+        "text_repair": collection.text_repair,
+        "sparse_ce_version": package_version(),
+    }
+
+
 def _parse_system(text: str) -> tuple[str, str]:
     name, sep, model = text.partition("=")
     if not sep or not name or not model:
@@ -136,7 +185,7 @@ def truncate(collection: Collection, depth: int, limit_queries: int | None) -> C
     qids = list(collection.first_stage.candidates)[:limit_queries]
     stage = collection.first_stage
     stage = type(stage)({q: stage.queries[q] for q in qids}, {q: stage.candidates[q][:depth] for q in qids})
-    return Collection(collection.name, stage, collection.qrels, collection.relevant_grade)
+    return Collection(collection.name, stage, collection.qrels, collection.relevant_grade, collection.text_repair)
 
 
 def first_stage_scores(collection: Collection) -> dict:
@@ -163,7 +212,8 @@ def rerank(model: str, collection: Collection, path: Path, tag: str, options: ar
         _, queries, documents = stage.pairs()
         scores = Teacher(model, device=options.device).score(queries, documents)
     else:
-        scored = score_first_stage(make_scorer(model, options, progress=True), stage, sharded=sharded)
+        scorer = make_scorer(model, options, progress=not getattr(options, "no_progress", False))
+        scored = score_first_stage(scorer, stage, sharded=sharded)
         if scored.scores is None:
             return
         scores = scored.scores
@@ -279,17 +329,21 @@ def evaluate_model(model: str, collections: Iterable[str], data: str | Path, dep
     """Means of the measures of one model on each collection (used by ``train_st.py --eval``), scored in this
     process only.
 
-    Runs go to ``run_dir/<collection>.run``; BM25 runs are cached in ``cache_dir`` (default ``~/.cache/sparse-ce``).
+    Runs go to ``run_dir/<collection>.run`` (default: a temporary folder, removed afterwards); BM25 runs are cached in
+    ``cache_dir`` (default ``~/.cache/sparse-ce``).
     """
+    import tempfile
+
     cache_dir = cache_dir or Path.home() / ".cache" / "sparse-ce"
     results = {}
-    for name in collections:
-        collection = truncate(load_collection(name, data, cache_dir, depth), depth, limit_queries)
-        path = Path(run_dir or ".") / f"{collection.name}.run"
-        rerank(model, collection, path, "sparse-ce", options, sharded=False)
-        measured = measure_run(collection, read_run(path))
-        results[collection.name] = {**{m: round(v, 4) for m, v in measured["mean"].items()},
-                                    "queries": measured["queries"]}
+    with tempfile.TemporaryDirectory(prefix="sparse-ce-eval-") as scratch:
+        for name in collections:
+            collection = truncate(load_collection(name, data, cache_dir, depth), depth, limit_queries)
+            path = Path(run_dir or scratch) / f"{collection.name}.run"
+            rerank(model, collection, path, "sparse-ce", options, sharded=False)
+            measured = measure_run(collection, read_run(path))
+            results[collection.name] = {**{m: round(v, 4) for m, v in measured["mean"].items()},
+                                        "queries": measured["queries"]}
     return results
 
 

@@ -29,8 +29,12 @@ logger = logging.getLogger(__name__)
 
 
 def bi_encoder_embeddings(model: str, texts: list[str], cache_dir: Path | None, batch_size: int = 64) -> Tensor:
-    """Normalised sentence-transformers embeddings ``[texts, dim]`` of ``model``, cached by a hash of model and texts."""
-    digest = hashlib.sha256(model.encode())
+    """Normalised sentence-transformers embeddings ``[texts, dim]`` of ``model``, cached by a hash of the model's
+    name, the content of its files (:func:`~sparse_ce.provenance.model_digest`: new weights in the same folder are a
+    new cache entry) and the texts."""
+    from ..provenance import model_digest
+
+    digest = hashlib.sha256(f"{model}\0{model_digest(model)}\0".encode())
     for text in texts:
         digest.update(text.encode() + b"\0")
     path = cache_dir / f"embeddings-{digest.hexdigest()[:16]}.pt" if cache_dir is not None else None

@@ -6,7 +6,7 @@ document embeddings; e.g. all-MiniLM-L6-v2 or all-mpnet-base-v2) or a cross-enco
 may also be a file of precomputed scores (``scores:FILE``, TSV ``qid docid score``; ``scores:FILE|MODEL`` scores
 the pairs the file lacks with the model that made it) or BM25 over the training pool (``bm25``), and several
 teachers are fused by a weighted sum of per-query z-scores (``SPEC*WEIGHT``). Model scores are cached in a JSON file
-keyed by the teacher and the pairs, so every run of an experiment trains on identical labels.
+keyed by the teacher's files (a hash of their content, not its path) and the pairs, so every run of an experiment trains on identical labels.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 
 from ..data import open_text
 from ..data.collections import BM25Index
+from ..provenance import model_digest
 from ..rank.fusion import zscore
 from .pool import TrainingQuery, flatten
 
@@ -84,12 +85,13 @@ def cached_teacher_scores(
 ) -> list[float]:
     """:meth:`Teacher.score`, read from / written to ``cache_dir`` (no cache when ``None``).
 
-    The cache file is named by a hash of the teacher name and all pairs, so a changed pair list never reuses stale
-    labels.
+    The cache file is named by a hash of the teacher's name, the content of its files
+    (:func:`~sparse_ce.provenance.model_digest`) and all pairs, so neither a changed pair list nor new weights in the
+    same folder ever reuse stale labels.
     """
     if cache_dir is None:
         return teacher.score(queries, documents)
-    digest = hashlib.sha256(teacher.name.encode())
+    digest = hashlib.sha256(f"{teacher.name}\0{model_digest(teacher.name)}\0".encode())
     for query, document in zip(queries, documents, strict=True):
         digest.update(query.encode() + b"\0" + document.encode() + b"\1")
     path = Path(cache_dir) / f"teacher-{digest.hexdigest()[:16]}.json"
