@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from configuration_sparse_ce import ATTENTION_BACKENDS
 from sparse_ce.bench.measure import QUERY_LEN, SEP, SYSTEMS, Setting, make_inputs
-from sparse_ce.bench.report import check_targets, markdown
+from sparse_ce.bench.report import check_targets, flex_targets, markdown
 from sparse_ce.cli import main
 
 
@@ -57,7 +58,16 @@ def test_report_marks_systems_not_run_at_a_setting():
 def test_every_system_names_a_known_backend():
     for name, system in SYSTEMS.items():
         assert system.kind in ("bert", "sparse", "floor")
-        assert (system.kind == "sparse") == (system.backend in ("dense", "windowed", "kernel")), name
+        assert (system.kind == "sparse") == (system.backend in ATTENTION_BACKENDS), name
+
+
+def test_materialised_flex_runs_only_on_short_forwards():
+    """Uncompiled FlexAttention scores every packed token against every other: never 100 x 164 tokens."""
+    from sparse_ce.bench.measure import Setting, runs_at
+
+    eager, compiled = SYSTEMS["sparse-w4:flex-eager"], SYSTEMS["sparse-w4:flex"]
+    assert runs_at(eager, Setting(1, 1024)) and not runs_at(eager, Setting(100, 164))
+    assert runs_at(compiled, Setting(100, 164)) and runs_at(SYSTEMS["bert-eager"], Setting(100, 164))
 
 
 @pytest.mark.slow
@@ -73,3 +83,15 @@ def test_bench_smoke_writes_tables_json_and_figure(tmp_path, capsys):
     assert (tmp_path / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "**Milliseconds per forward**" in out and "CPU targets" not in out  # no targets from a smoke run
+
+
+def test_flex_targets_on_cpu_and_cuda():
+    systems = ["floor", "bert-sdpa", "sparse-w4:kernel", "sparse-w4:flex", "sparse-w4:auto"]
+    ms = {"1x4096": {"floor": 500, "bert-sdpa": 2000, "sparse-w4:kernel": 600, "sparse-w4:flex": 900, "sparse-w4:auto": 600},
+          "100x164": {"floor": 50, "bert-sdpa": 80, "sparse-w4:kernel": 60, "sparse-w4:flex": 70, "sparse-w4:auto": 90}}
+    cpu = {"environment": {"device": "cpu"}, "systems": systems, "ms": ms, "passages": "100x164"}
+    (name, measured, met), = flex_targets(cpu)
+    assert "within 1.3×" in name and measured == "1.50×" and not met
+    cuda = dict(cpu, environment={"device": "H100", "cuda": "13.0"})
+    (_, fast, fast_met), (_, passages, passages_met) = flex_targets(cuda)
+    assert (fast, fast_met) == ("3.33×", True) and (passages, passages_met) == ("0.89×", False)

@@ -5,7 +5,8 @@ forward with 100 documents of total length 164 (the passage setting) or one docu
 4,096 tokens). Every system is timed over its WHOLE forward (embeddings, packing and padding included; the original
 code excluded them for its own model only). Systems: Hugging Face BERT with full attention (``sdpa``, ``eager``);
 this package's ``full``, ``longformer`` (w=64) and ``sparse`` (w=4, w=64) presets on each available backend
-(``dense`` for full attention, PyTorch ``windowed``, the fused ``kernel`` on CPU or CUDA); and the floor (this model
+(``dense`` for full attention, PyTorch ``windowed``, the fused ``kernel`` on CPU or CUDA, FlexAttention compiled
+``flex`` and uncompiled ``flex-eager``, and ``auto``, whatever it picks on the device); and the floor (this model
 with attention removed: each token's attention output is its value vector).
 
 Timing: median of ``repeats`` forwards after warm-up, systems interleaved round-robin in one process, so machine
@@ -49,16 +50,17 @@ class System:
     attn: str = ""  # bert: sdpa | eager
     preset: str = ""  # sparse: full | longformer | sparse
     window: int | None = None
-    backend: str = ""  # sparse: dense | windowed | kernel
+    backend: str = ""  # sparse: dense | windowed | kernel | flex | flex-eager | auto
 
 
 def _systems() -> dict[str, System]:
     systems = [System("floor", "floor", preset="sparse", window=4, backend="floor"),
                System("bert-sdpa", "bert", attn="sdpa"), System("bert-eager", "bert", attn="eager")]
+    flex = ("flex", "flex-eager", "auto")
     for preset, window, backends in [("full", None, ("dense", "windowed", "kernel")),
-                                     ("longformer", 64, ("windowed", "kernel")),
-                                     ("sparse", 4, ("windowed", "kernel")),
-                                     ("sparse", 64, ("windowed", "kernel"))]:
+                                     ("longformer", 64, ("windowed", "kernel", *flex)),
+                                     ("sparse", 4, ("windowed", "kernel", *flex)),
+                                     ("sparse", 64, ("windowed", "kernel", *flex))]:
         label = preset if preset != "sparse" else f"sparse-w{window}"
         systems += [System(f"{label}:{backend}", "sparse", preset=preset, window=window, backend=backend)
                     for backend in backends]
@@ -79,7 +81,10 @@ STABLE_SPREAD = 0.05
 
 
 def runs_at(system: "System", setting: "Setting") -> bool:
-    """Whether ``system`` is measured at ``setting`` (eager attention only up to :data:`EAGER_MAX_TOKENS`)."""
+    """Whether ``system`` is measured at ``setting``: materialised attention only up to :data:`EAGER_MAX_TOKENS`
+    (BERT eager: tokens per row; uncompiled FlexAttention, which scores all packed tokens against all: per forward)."""
+    if system.backend == "flex-eager":
+        return setting.docs * setting.total <= EAGER_MAX_TOKENS
     return not (system.attn == "eager" and setting.total > EAGER_MAX_TOKENS)
 
 
