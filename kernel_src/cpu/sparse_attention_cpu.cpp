@@ -134,7 +134,7 @@ Layout make_layout(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v
   L.B = s.B;
   L.T = s.T;
   L.flags = flags;
-  L.window = window;
+  L.window = s.window;  // clamped to T by the shared checks (no t + window + 1 overflow)
   L.cuq = cu_queries.data_ptr<int64_t>();
   L.cud = cu_docs.data_ptr<int64_t>();
   L.r2q = row_to_query.data_ptr<int64_t>();
@@ -279,7 +279,8 @@ void backward_dispatch(Args &&...args) {
 std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor &q, const at::Tensor &k,
                                                             const at::Tensor &v, const at::Tensor &cu_queries,
                                                             const at::Tensor &cu_docs, const at::Tensor &row_to_query,
-                                                            int64_t flags, int64_t window, double scale) {
+                                                            int64_t flags, int64_t window, double scale,
+                                                            bool /*validate: the CPU op always checks (O(B))*/) {
   const Layout L = make_layout(q, k, v, cu_queries, cu_docs, row_to_query, flags, window, false);
   const int64_t H = q.size(1), D = q.size(2);
   auto out = at::empty_like(q);
@@ -294,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor &q,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
     const at::Tensor &grad_out, const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &out,
     const at::Tensor &lse, const at::Tensor &cu_queries, const at::Tensor &cu_docs, const at::Tensor &row_to_query,
-    int64_t flags, int64_t window, double scale) {
+    int64_t flags, int64_t window, double scale, bool /*validate: always checked, as in forward*/) {
   const Layout L = make_layout(q, k, v, cu_queries, cu_docs, row_to_query, flags, window, true);
   const int64_t H = q.size(1), D = q.size(2);
   sparse_ce::check_backward_args(sparse_ce::Backend::CPU, grad_out, out, lse, q, {L.T, H, D, L.U, L.B});

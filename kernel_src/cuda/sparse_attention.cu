@@ -14,6 +14,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -347,14 +348,50 @@ struct Prepared {
   at::Tensor cu_queries, cu_docs, row_to_query; // on q's device; keep the copies alive
 };
 
+// CPU-resident index tensors are copied to the device on every call, which a CUDA graph cannot capture: refuse
+// with the fix instead of the driver's generic "operation not permitted when stream is capturing".
+void check_not_capturing(const at::Tensor &q, const at::Tensor &cu_queries, const at::Tensor &cu_docs,
+                         const at::Tensor &row_to_query) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  const cudaError_t err = cudaStreamIsCapturing(current_stream(q.device()), &capture);
+  TORCH_CHECK(err == cudaSuccess, "sparse_attention (cuda): cudaStreamIsCapturing failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+              "sparse_attention (cuda): CUDA-graph capture needs cu_queries, cu_docs and row_to_query on the GPU "
+              "(a captured graph cannot copy host tensors to the device); move them to ", q.device(),
+              " before capturing (got ", cu_queries.device(), ", ", cu_docs.device(), ", ", row_to_query.device(),
+              ")");
+}
+
+// The backward's dk/dv are float32 atomicAdds, whose order (hence rounding) varies from run to run.
+void check_deterministic() {
+  at::Context &context = at::globalContext();
+  if (!context.deterministicAlgorithms()) {
+    return;
+  }
+  constexpr const char *message =
+      "sparse_attention_bwd (cuda): the backward accumulates dk and dv with float32 atomicAdd, which is not "
+      "deterministic, and torch.use_deterministic_algorithms(True) is set; use attention_backend='windowed' "
+      "(deterministic) for this model, or run the op on the CPU (no atomics)";
+  if (context.deterministicAlgorithmsWarnOnly()) {
+    TORCH_WARN(message);
+  } else {
+    TORCH_CHECK(false, message);
+  }
+}
+
 // The shared checks (sparse_attention_checks.h), then the index tensors on q's device. Their values are checked on
-// the host when all three live there (before the copy), otherwise by validate_layout_kernel on q's stream.
+// the host when all three live there (before the copy), otherwise by validate_layout_kernel on q's stream, unless
+// the caller vouches for them (validate = false: the model, whose layouts are built and checked on the host).
 Prepared prepare(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &cu_queries,
-                 const at::Tensor &cu_docs, const at::Tensor &row_to_query, int64_t flags, int64_t window) {
+                 const at::Tensor &cu_docs, const at::Tensor &row_to_query, int64_t flags, int64_t window,
+                 bool validate) {
   Prepared p;
   const sparse_ce::Sizes s = sparse_ce::check_forward_args(sparse_ce::Backend::CUDA, q, k, v, cu_queries, cu_docs,
                                                            row_to_query, flags, window);
   p.sizes = s;
+  if (cu_queries.is_cpu() || cu_docs.is_cpu() || row_to_query.is_cpu()) {
+    check_not_capturing(q, cu_queries, cu_docs, row_to_query);
+  }
   const bool on_host = cu_queries.is_cpu() && cu_docs.is_cpu() && row_to_query.is_cpu();
   if (on_host) {
     sparse_ce::check_layout_values({cu_queries.data_ptr<int64_t>(), cu_docs.data_ptr<int64_t>(),
@@ -373,8 +410,8 @@ Prepared prepare(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, 
   L.num_heads = s.H;
   L.head_dim = s.D;
   L.flags = flags;
-  L.window = window > s.T ? s.T : window; // same key set; keeps t + window + 1 from overflowing
-  if (!on_host) {
+  L.window = s.window; // clamped to T by the shared checks: no t + window + 1 overflow
+  if (!on_host && validate) {
     const sparse_ce::LayoutView view{L.cu_queries, L.cu_docs, L.row_to_query, s.U, s.B, s.T, flags};
     validate_layout_kernel<<<1, kValidateThreads, 0, current_stream(q.device())>>>(view);
     SPARSE_CE_CUDA_CHECK_LAUNCH();
@@ -408,10 +445,11 @@ void dispatch_elems(int64_t head_dim, F &&f) {
 
 std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(
     const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &cu_queries,
-    const at::Tensor &cu_docs, const at::Tensor &row_to_query, int64_t flags, int64_t window, double scale) {
+    const at::Tensor &cu_docs, const at::Tensor &row_to_query, int64_t flags, int64_t window, double scale,
+    bool validate) {
   using namespace sparse_ce_cuda;
   const c10::DeviceGuard device_guard(q.device());
-  const Prepared p = prepare(q, k, v, cu_queries, cu_docs, row_to_query, flags, window);
+  const Prepared p = prepare(q, k, v, cu_queries, cu_docs, row_to_query, flags, window, validate);
   const Layout &L = p.layout;
 
   at::Tensor out = at::empty_like(q);
@@ -438,10 +476,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cuda(
     const at::Tensor &grad_out, const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &out,
     const at::Tensor &lse, const at::Tensor &cu_queries, const at::Tensor &cu_docs, const at::Tensor &row_to_query,
-    int64_t flags, int64_t window, double scale) {
+    int64_t flags, int64_t window, double scale, bool validate) {
   using namespace sparse_ce_cuda;
+  check_deterministic();
   const c10::DeviceGuard device_guard(q.device());
-  const Prepared p = prepare(q, k, v, cu_queries, cu_docs, row_to_query, flags, window);
+  const Prepared p = prepare(q, k, v, cu_queries, cu_docs, row_to_query, flags, window, validate);
   const Layout &L = p.layout;
 
   sparse_ce::check_backward_args(sparse_ce::Backend::CUDA, grad_out, out, lse, q, p.sizes);

@@ -75,6 +75,9 @@ inline void check_index_tensor(Backend backend, const at::Tensor &x, const at::T
 
 struct Sizes {
   int64_t T, H, D, U, B;
+  // The window both ops use: -1, or min(window, T). A window >= T keeps every token of its document (as -1 does),
+  // and clamping keeps t + window + 1 from overflowing int64 for windows near INT64_MAX.
+  int64_t window = -1;
 };
 
 // Every check of the forward arguments that needs no index values; returns the sizes.
@@ -93,7 +96,8 @@ inline Sizes check_forward_args(Backend backend, const at::Tensor &q, const at::
   TORCH_CHECK(window >= -1, "sparse_attention: window must be >= 0, or -1 for unlimited, got ", window);
   TORCH_CHECK(cu_queries.numel() >= 2, "sparse_attention: cu_queries needs at least 2 entries (U >= 1)");
   TORCH_CHECK(cu_docs.numel() >= 2, "sparse_attention: cu_docs needs at least 2 entries (B >= 1)");
-  const Sizes s{q.size(0), q.size(1), q.size(2), cu_queries.numel() - 1, cu_docs.numel() - 1};
+  const int64_t T = q.size(0);
+  const Sizes s{T, q.size(1), q.size(2), cu_queries.numel() - 1, cu_docs.numel() - 1, window > T ? T : window};
   TORCH_CHECK(row_to_query.numel() == s.B, "sparse_attention: row_to_query has ", row_to_query.numel(),
               " entries but cu_docs describes ", s.B, " documents");
   TORCH_CHECK(!(flags & (kQueryCls | kQueryDoc)) || s.U == s.B,

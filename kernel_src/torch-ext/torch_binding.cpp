@@ -40,11 +40,11 @@
 TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def(
       "sparse_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_queries, Tensor cu_docs, Tensor row_to_query, "
-      "int flags, int window, float scale) -> (Tensor, Tensor)");
+      "int flags, int window, float scale, bool validate=True) -> (Tensor, Tensor)");
   ops.def(
       "sparse_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor cu_queries, Tensor cu_docs, Tensor row_to_query, int flags, int window, float scale) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor cu_queries, Tensor cu_docs, Tensor row_to_query, int flags, int window, float scale, "
+      "bool validate=True) -> (Tensor, Tensor, Tensor)");
 #ifdef SPARSE_CE_CPU
   ops.impl("sparse_attention_fwd", c10::kCPU, &sparse_attention_fwd_cpu);
   ops.impl("sparse_attention_bwd", c10::kCPU, &sparse_attention_bwd_cpu);

@@ -11,6 +11,9 @@
 //                 1 cls_query, 2 cls_doc, 4 query_cls, 8 query_doc, 16 doc_cls, 32 doc_query
 //   window        one-sided document window w >= 0, or -1 for unlimited
 //   scale         score scale (1 / sqrt(D))
+//   validate      true (the default): check the index tensors' values. false: the caller vouches for them (the
+//                 model builds its layouts itself, with host syncs of its own); only the CUDA op's device-side
+//                 validation kernel is skipped, host-resident values are always checked (an O(B) loop)
 //
 // Keys of each row (attention within a segment is always on):
 //   [CLS] of row b:      itself; query row_to_query[b] if cls_query; document b if cls_doc
@@ -23,6 +26,10 @@
 // of the scaled scores, saved for backward). A row none of whose keys has a finite score gets a zero output and
 // lse = +inf, and adds nothing to any gradient: no NaN. Backward recomputes probabilities from lse and returns dq,
 // dk, dv (input dtype; accumulation in float32). Gradients of shared query keys/values are summed over all rows.
+//
+// A window >= T equals -1 (both ops clamp it to T). The CUDA backward accumulates dk/dv with float32 atomics and
+// refuses to run under torch.use_deterministic_algorithms(True) (a warning under warn_only); the CPU op is
+// deterministic. During CUDA-graph capture the CUDA op needs its index tensors on the GPU (no host copies).
 //
 // Both backends reject, with the same messages (sparse_attention_checks.h): other dtypes (float64 included),
 // shapes or strides, head_dim outside [1, 256], U = 0 or B = 0, inconsistent index tensors (checked on the host,
@@ -38,20 +45,20 @@
 
 std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(
     const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &cu_queries,
-    const at::Tensor &cu_docs, const at::Tensor &row_to_query, int64_t flags, int64_t window, double scale);
+    const at::Tensor &cu_docs, const at::Tensor &row_to_query, int64_t flags, int64_t window, double scale, bool validate);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
     const at::Tensor &grad_out, const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &out,
     const at::Tensor &lse, const at::Tensor &cu_queries, const at::Tensor &cu_docs, const at::Tensor &row_to_query,
-    int64_t flags, int64_t window, double scale);
+    int64_t flags, int64_t window, double scale, bool validate);
 
 #ifdef SPARSE_CE_CUDA
 std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(
     const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &cu_queries,
-    const at::Tensor &cu_docs, const at::Tensor &row_to_query, int64_t flags, int64_t window, double scale);
+    const at::Tensor &cu_docs, const at::Tensor &row_to_query, int64_t flags, int64_t window, double scale, bool validate);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cuda(
     const at::Tensor &grad_out, const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &out,
     const at::Tensor &lse, const at::Tensor &cu_queries, const at::Tensor &cu_docs, const at::Tensor &row_to_query,
-    int64_t flags, int64_t window, double scale);
+    int64_t flags, int64_t window, double scale, bool validate);
 #endif

@@ -16,36 +16,44 @@ from ._ops import add_op_namespace_prefix, ops
 
 __all__ = ["sparse_attention", "sparse_attention_fwd", "sparse_attention_bwd", "ops", "add_op_namespace_prefix"]
 
+HAS_VALIDATE_ARGUMENT = True
+"""The ops take ``validate`` (older builds do not): callers that built the layout themselves pass ``False``."""
 
-def sparse_attention_fwd(q, k, v, cu_queries, cu_docs, row_to_query, flags: int, window: int, scale: float):
+
+def sparse_attention_fwd(q, k, v, cu_queries, cu_docs, row_to_query, flags: int, window: int, scale: float,
+                         validate: bool = True):
     """Raw forward op: ``(out [T, H, D], lse [T, H] float32)``; differentiable in ``q``, ``k``, ``v`` (not lse)."""
-    return ops.sparse_attention_fwd(q, k, v, cu_queries, cu_docs, row_to_query, int(flags), int(window), float(scale))
+    return ops.sparse_attention_fwd(q, k, v, cu_queries, cu_docs, row_to_query, int(flags), int(window), float(scale),
+                                    bool(validate))
 
 
-def sparse_attention_bwd(grad_out, q, k, v, out, lse, cu_queries, cu_docs, row_to_query, flags, window, scale):
+def sparse_attention_bwd(grad_out, q, k, v, out, lse, cu_queries, cu_docs, row_to_query, flags, window, scale,
+                         validate: bool = True):
     """Raw backward op: ``(dq, dk, dv)``."""
     return ops.sparse_attention_bwd(
-        grad_out, q, k, v, out, lse, cu_queries, cu_docs, row_to_query, int(flags), int(window), float(scale)
+        grad_out, q, k, v, out, lse, cu_queries, cu_docs, row_to_query, int(flags), int(window), float(scale),
+        bool(validate),
     )
 
 
 # --- torch.library registrations ---------------------------------------------------------------------------------------
 
 
-def _fwd_fake(q, k, v, cu_queries, cu_docs, row_to_query, flags, window, scale):
+def _fwd_fake(q, k, v, cu_queries, cu_docs, row_to_query, flags, window, scale, validate=True):
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
-def _bwd_fake(grad_out, q, k, v, out, lse, cu_queries, cu_docs, row_to_query, flags, window, scale):
+def _bwd_fake(grad_out, q, k, v, out, lse, cu_queries, cu_docs, row_to_query, flags, window, scale,
+              validate=True):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_queries, cu_docs, row_to_query, flags, window, scale = inputs
+    q, k, v, cu_queries, cu_docs, row_to_query, flags, window, scale, *rest = inputs  # rest: (validate,) or ()
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, cu_queries, cu_docs, row_to_query)
-    ctx.args = (flags, window, scale)
+    ctx.args = (flags, window, scale, bool(rest[0]) if rest else True)
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -53,7 +61,8 @@ def _backward(ctx, grad_out, grad_lse):
     dq, dk, dv = ops.sparse_attention_bwd(
         grad_out.contiguous(), q, k, v, out, lse, cu_queries, cu_docs, row_to_query, *ctx.args
     )
-    return dq, dk, dv, None, None, None, None, None, None
+    # one gradient per input the op received: the dispatcher drops trailing arguments equal to their default
+    return (dq, dk, dv) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 def _register() -> None:
@@ -82,6 +91,7 @@ def sparse_attention(
     flags: int,
     window: int | None = -1,
     scale: float | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Attention output ``[T, H, D]`` of the packed tokens.
 
@@ -93,7 +103,11 @@ def sparse_attention(
         flags: bitmask, bit i = direction i of (cls_query, cls_doc, query_cls, query_doc, doc_cls, doc_query).
         window: one-sided document window ``w >= 0``; ``-1`` or ``None`` for unlimited.
         scale: score scale, ``1 / sqrt(D)`` when ``None``.
+        validate: check the index tensors' values (the default). ``False`` skips only the CUDA op's device-side
+            check of GPU-resident index tensors (one small launch per call), for callers that built the layout
+            themselves; the kernels still clamp every key range, and host-resident values are always checked.
     """
     window = -1 if window is None else int(window)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return ops.sparse_attention_fwd(q, k, v, cu_queries, cu_docs, row_to_query, int(flags), window, scale)[0]
+    return ops.sparse_attention_fwd(q, k, v, cu_queries, cu_docs, row_to_query, int(flags), window, scale,
+                                    bool(validate))[0]
