@@ -17,5 +17,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def spread_model_dir(tmp_path_factory) -> Path:
+    """A tiny sparse (w=2) cross-encoder whose scores spread over ~0.1 (initializer_range 0.2): with the default 0.02
+    scores differ by ~2e-5 between documents, under the 1e-5 tolerances of score comparisons (issue 23)."""
+    return make_model_folder(tmp_path_factory.mktemp("spread-sparse"), initializer_range=0.2)
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     return make_tokenizer(tmp_path_factory.mktemp("tiny-tok"))

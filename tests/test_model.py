@@ -16,6 +16,11 @@ from modeling_sparse_ce import (
 )
 from tiny import TINY_MODEL, make_config
 
+INIT = 0.2
+"""initializer_range of the models here. At the default 0.02 logits are ~0.002 and differ by ~1e-4 across rows, so a
+window off by one moves them by ~4e-8 and an all-zero output passes a 5e-2 tolerance (issue 23); at 0.2 a window
+off by one moves hidden states by ~1 and logits by ~1e-2."""
+
 QUERIES = ["how long is the life cycle of a flea", "do goldfish grow", "what is wifi vs bluetooth"]
 DOCS = [
     "the flea life cycle can last a year",
@@ -38,7 +43,8 @@ def ragged_pairs():
 def bert_and_sparse(tiny_tokenizer):
     """A random BertForSequenceClassification and the same weights in the sparse class with the ``full`` preset."""
     torch.manual_seed(0)
-    bert = BertForSequenceClassification(BertConfig(vocab_size=len(tiny_tokenizer), num_labels=1, **TINY_MODEL)).eval()
+    bert = BertForSequenceClassification(
+        BertConfig(vocab_size=len(tiny_tokenizer), num_labels=1, initializer_range=INIT, **TINY_MODEL)).eval()
     sparse = SparseCrossEncoderForSequenceClassification(make_config(tiny_tokenizer, "full", None)).eval()
     result = sparse.load_state_dict(bert.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
@@ -58,7 +64,7 @@ def test_full_preset_equals_bert(bert_and_sparse, tiny_tokenizer, backend):
 
 def test_full_preset_hidden_states_equal_bert(tiny_tokenizer):
     torch.manual_seed(1)
-    bert = BertModel(BertConfig(vocab_size=len(tiny_tokenizer), **TINY_MODEL)).eval()
+    bert = BertModel(BertConfig(vocab_size=len(tiny_tokenizer), initializer_range=INIT, **TINY_MODEL)).eval()
     sparse = SparseCrossEncoderModel(make_config(tiny_tokenizer, "full", None)).eval()
     sparse.load_state_dict(bert.state_dict(), strict=True)
     batch = pairs_batch(tiny_tokenizer, ragged_pairs())
@@ -74,21 +80,33 @@ def test_full_preset_hidden_states_equal_bert(tiny_tokenizer):
 
 def sparse_model(tokenizer, window=2, seed=0, **overrides):
     torch.manual_seed(seed)
-    return SparseCrossEncoderForSequenceClassification(make_config(tokenizer, "sparse", window, **overrides)).eval()
+    config = make_config(tokenizer, "sparse", window, **{"initializer_range": INIT, **overrides})
+    return SparseCrossEncoderForSequenceClassification(config).eval()
+
+
+def valid_hidden_states(output, mask) -> torch.Tensor:
+    """Every layer's hidden states at the real tokens, flattened (padding rows hold nothing to compare)."""
+    return torch.cat([states[mask.bool()].flatten() for states in output.hidden_states])
 
 
 @pytest.mark.parametrize("window", [None, 4, 1, 0])
 def test_sparse_backends_agree_with_gradients(tiny_tokenizer, window):
     model = sparse_model(tiny_tokenizer, window)
     batch = pairs_batch(tiny_tokenizer, ragged_pairs())
-    grads, logits = {}, {}
+    grads, logits, hidden = {}, {}, {}
     for backend in ["dense", "windowed"]:
         model.zero_grad()
-        out = model(**batch, attention_backend=backend).logits
-        out.sum().backward()
-        logits[backend] = out.detach()
+        output = model(**batch, attention_backend=backend, output_hidden_states=True)
+        output.logits.sum().backward()
+        logits[backend], hidden[backend] = output.logits.detach(), valid_hidden_states(output, batch["attention_mask"])
         grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     torch.testing.assert_close(logits["windowed"], logits["dense"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden["windowed"], hidden["dense"], atol=1e-5, rtol=0)
+    if window is not None:  # the comparison sees the window: the same weights one token wider differ 100x the tolerance
+        with torch.no_grad():
+            wider = sparse_model(tiny_tokenizer, window + 1)(**batch, attention_backend="dense", output_hidden_states=True)
+        assert (valid_hidden_states(wider, batch["attention_mask"]) - hidden["dense"]).abs().max() > 1e-3
+        assert (wider.logits - logits["dense"]).abs().max() > 1e-3
     assert grads["dense"].keys() == grads["windowed"].keys()
     for name in grads["dense"]:
         torch.testing.assert_close(grads["windowed"][name], grads["dense"][name], atol=1e-5, rtol=1e-4, msg=name)
@@ -237,10 +255,17 @@ def test_bf16_forward_close_to_fp32(tiny_tokenizer):
     model = sparse_model(tiny_tokenizer)
     batch = pairs_batch(tiny_tokenizer, ragged_pairs())
     with torch.no_grad():
-        expected = model(**batch).logits
-        logits = copy.deepcopy(model).to(torch.bfloat16)(**batch).logits
-    assert logits.dtype == torch.bfloat16
-    torch.testing.assert_close(logits.float(), expected, atol=5e-2, rtol=5e-2)
+        expected = model(**batch, output_hidden_states=True)
+        output = copy.deepcopy(model).to(torch.bfloat16)(**batch, output_hidden_states=True)
+    assert output.logits.dtype == torch.bfloat16
+    # measured errors: logits 6e-3, hidden states 6e-2 (of values up to 3.5); a zero or constant output is off by
+    # more than 4x the tolerance (checked here, so that the comparison can fail)
+    atol = 2e-2
+    assert (expected.logits - expected.logits.mean()).abs().max() > 4 * atol
+    torch.testing.assert_close(output.logits.float(), expected.logits, atol=atol, rtol=0)
+    mask = batch["attention_mask"]
+    torch.testing.assert_close(valid_hidden_states(output, mask).float(), valid_hidden_states(expected, mask),
+                               atol=0.15, rtol=0.05)
 
 
 @pytest.mark.parametrize(

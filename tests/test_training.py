@@ -165,23 +165,31 @@ def test_fused_teacher_is_a_weighted_sum_of_z_scores(pool, tmp_path):
         teacher_scores([TeacherSpec(f"scores:{score_file}")], pool)
 
 
-def test_listwise_distillation_loss_is_kl_to_the_scaled_teacher(tiny_model_dir):
+def test_listwise_distillation_loss_is_kl_to_the_scaled_teacher(tmp_path):
     from sentence_transformers.cross_encoder import CrossEncoder
 
     from sparse_ce.train.losses import ListwiseDistillationLoss
 
-    model = CrossEncoder(str(tiny_model_dir), trust_remote_code=True)
+    # scores that differ between documents: with the default initializer_range the student's softmax is uniform and
+    # the cross entropy is log(n) whatever the target, so scale 1 or 50 passed as well as 2 (issue 23)
+    folder = make_model_folder(tmp_path / "spread", initializer_range=0.2)
+    model = CrossEncoder(str(folder), trust_remote_code=True)
     loss = ListwiseDistillationLoss(model, scale=2.0)
     queries = ["do goldfish grow", "why is the dog cold"]
     docs = [["goldfish grow fast", "the war year", "light"], ["a cold dog", "heat"]]
     labels = [torch.tensor([1.0, -0.5, 0.2]), torch.tensor([0.3, -0.3])]
     value = loss([queries, docs], labels)
-    expected = 0.0
-    for query, ds, label in zip(queries, docs, labels):
-        logits = model.model(**model.tokenizer([query] * len(ds), ds, padding=True, return_tensors="pt")).logits[:, 0]
-        target = torch.softmax(2.0 * label, 0)
-        expected += -(target * torch.log_softmax(logits, 0)).sum() / len(queries)
-    assert float(value) == pytest.approx(float(expected), abs=1e-5)
+
+    def expected(scale: float) -> float:
+        total = 0.0
+        for query, ds, label in zip(queries, docs, labels):
+            inputs = model.tokenizer([query] * len(ds), ds, padding=True, return_tensors="pt")
+            logits = model.model(**inputs).logits[:, 0]
+            total += -(torch.softmax(scale * label, 0) * torch.log_softmax(logits, 0)).sum() / len(queries)
+        return float(total)
+
+    assert float(value) == pytest.approx(expected(2.0), abs=1e-5)
+    assert min(abs(expected(2.0) - expected(scale)) for scale in (1.0, 1.5, 2.5, 50.0)) > 1e-3  # the scale shows
     with pytest.raises(ValueError, match="scale"):
         ListwiseDistillationLoss(model, scale=0)
 
