@@ -36,8 +36,19 @@ except ImportError:  # torch < 2.5
 logger = logging.getLogger(__name__)
 
 BLOCK_SIZE = 128
-"""Rows and keys per block of the block mask (FlexAttention's default tile)."""
+"""Rows and keys per block of the block mask on CUDA (FlexAttention's default Triton tile)."""
+CPU_BLOCK_SIZE = 16
+"""Rows and keys per block on CPU: compiled CPU flex computes every score of a visited block, and a w=4 band visits
+far fewer scores in small blocks (1 x 4,096 tokens, attention alone, one thread: 198 ms at 128, 110 at 64, 77 at 32,
+47 at 16; docs/benchmarks.md)."""
 
+
+def block_size(device: torch.device) -> int:
+    """Block size of the block mask on ``device``."""
+    return CPU_BLOCK_SIZE if device.type == "cpu" else BLOCK_SIZE
+
+CLASSIFY_CHUNK = 1 << 22
+"""Row x block counts held at once while classifying blocks (16 MB of int32)."""
 CPU_TRAINING_BACKENDS = "'windowed', 'kernel' or 'dense'"
 
 
@@ -159,8 +170,8 @@ def token_segments(layout: SegmentLayout) -> torch.Tensor:
 
 def flex_block_mask(layout: SegmentLayout, pattern: AttentionPattern, device: torch.device, block: int | None = None):
     """The :class:`BlockMask` of ``pattern`` over ``layout``'s packed tokens, padded to a multiple of ``block``
-    (default :data:`BLOCK_SIZE`)."""
-    block = block or BLOCK_SIZE
+    (default :func:`block_size` of the device)."""
+    block = block or block_size(device)
     lo, hi = key_ranges(layout, pattern)
     seg = token_segments(layout)
     tokens = lo.shape[0]
@@ -169,7 +180,7 @@ def flex_block_mask(layout: SegmentLayout, pattern: AttentionPattern, device: to
     lo = torch.nn.functional.pad(lo, (0, 0, 0, padded - tokens))
     hi = torch.nn.functional.pad(hi, (0, 0, 0, padded - tokens))
     seg = torch.nn.functional.pad(seg, (0, padded - tokens))
-    full, partial = _classify_blocks(lo, hi, block)
+    full, partial = _classify_blocks(lo.int(), hi.int(), block)
     # one flat int32 table [padded * 11]: lo (5), hi (5), segment (1) of each token; constant offsets only, as
     # inductor's CPU flex template mis-sizes loads whose index depends on another load or on a buffer of length L
     fields = 2 * len(SEGMENTS) + 1
@@ -190,14 +201,22 @@ def flex_block_mask(layout: SegmentLayout, pattern: AttentionPattern, device: to
 
 
 def _classify_blocks(lo: torch.Tensor, hi: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``full, partial [q blocks, kv blocks]``: every row of the q block sees every key of the kv block / some do."""
-    padded = lo.shape[0]
-    n = padded // block
-    start = torch.arange(n, device=lo.device) * block  # [kv blocks]
-    seen = torch.zeros(padded, n, dtype=torch.long, device=lo.device)  # keys of each row in each kv block
-    for s in range(lo.shape[1]):
-        overlap = torch.minimum(hi[:, s, None], start + block) - torch.maximum(lo[:, s, None], start)
-        seen += overlap.clamp(min=0)
-    seen = seen.view(n, block, n)
-    full = (seen == block).all(1)
-    return full, (seen > 0).any(1) & ~full
+    """``full, partial [q blocks, kv blocks]``: every row of the q block sees every key of the kv block / some do.
+
+    Keys of each row in each kv block, summed over the row's disjoint ranges; q blocks in chunks of at most
+    :data:`CLASSIFY_CHUNK` counts, so memory stays bounded for long inputs and small blocks.
+    """
+    padded, n = lo.shape[0], lo.shape[0] // block
+    start = torch.arange(n, device=lo.device, dtype=lo.dtype) * block  # [kv blocks]
+    step = max(1, CLASSIFY_CHUNK // (block * n))  # q blocks per chunk
+    full, partial = [], []
+    for first in range(0, n, step):
+        rows = slice(first * block, min(n, first + step) * block)
+        seen = torch.zeros(rows.stop - rows.start, n, dtype=lo.dtype, device=lo.device)  # [rows, kv blocks]
+        for s in range(lo.shape[1]):
+            overlap = torch.minimum(hi[rows, s, None], start + block) - torch.maximum(lo[rows, s, None], start)
+            seen += overlap.clamp(min=0)
+        seen = seen.view(-1, block, n)
+        full.append((seen == block).all(1))
+        partial.append((seen > 0).any(1) & ~full[-1])
+    return torch.cat(full), torch.cat(partial)

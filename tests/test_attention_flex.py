@@ -57,7 +57,7 @@ def qkv_of(layout, heads, dim, seed):
 @given(data=st.data(), matrix=matrices, window=st.sampled_from(WINDOWS), batch=st.integers(1, 4),
        heads=st.integers(1, 3), dim=st.sampled_from([2, 4, 8]), block=st.sampled_from([16, 128]))
 def test_flex_eager_matches_the_five_segment_oracle(monkeypatch, data, matrix, window, batch, heads, dim, block):
-    monkeypatch.setattr(flex_module, "BLOCK_SIZE", block)
+    monkeypatch.setattr(flex_module, "CPU_BLOCK_SIZE", block)
     pattern, layout, segments = random_case(data, matrix, window, batch)
     qkv = qkv_of(layout, heads, dim, data.draw(st.integers(0, 1000)))
     got = ATTENTION_FUNCTIONS["flex-eager"](*qkv, layout, pattern, scaling=dim**-0.5)[0]
@@ -72,7 +72,12 @@ def test_block_classification_equals_create_block_mask(data, matrix, window, bat
     from torch.nn.attention.flex_attention import create_block_mask
 
     pattern, layout, _ = random_case(data, matrix, window, batch, max_doc=60)
-    ours = flex_block_mask(layout, pattern, torch.device("cpu"), block=16)
+    chunk = data.draw(st.sampled_from([16 * 16, flex_module.CLASSIFY_CHUNK]))  # one or several q blocks per chunk
+    flex_module.CLASSIFY_CHUNK, default = chunk, flex_module.CLASSIFY_CHUNK
+    try:
+        ours = flex_block_mask(layout, pattern, torch.device("cpu"), block=16)
+    finally:
+        flex_module.CLASSIFY_CHUNK = default
     padded = ours.seq_lengths[0]
     theirs = create_block_mask(ours.mask_mod, None, None, padded, padded, device="cpu", BLOCK_SIZE=16)
     assert torch.equal(ours.to_dense(), theirs.to_dense())  # blocks with any key
