@@ -20,12 +20,14 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 kernel_dir=/tmp/sparse-ce-cuda-kernel
 status=0
+parallel=()  # pytest-xdist is in the device image: the CPU references of test_kernel_cuda.py run on 8 workers
+python3 -c 'import xdist' 2>/dev/null && parallel=(-n 8)
 
 build_op() {  # once per machine: the CUDA variant (with its CPU twin, the reference) through build_local.py
   if [[ ! -d "$kernel_dir/build" ]]; then
     local start=$SECONDS
-    python3 kernel_src/build_local.py --out "$kernel_dir" --cuda 2>&1 | tail -n 20 | tee "$out/build.log" \
-      || { echo "gpu_check: building the CUDA op failed" >&2; return 1; }
+    timeout 200 python3 kernel_src/build_local.py --out "$kernel_dir" --cuda > "$out/build.log" 2>&1 \
+      || { tail -n 40 "$out/build.log"; echo "gpu_check: building the CUDA op failed" >&2; return 1; }
     echo "built the CUDA op in $((SECONDS - start)) s"
   fi
   export SPARSE_CE_CUDA_KERNEL="$kernel_dir"
@@ -47,7 +49,7 @@ transformers.__version__, "sentence-transformers", st.__version__)' | tee -a "$o
 
 if [[ "$stage" == a || "$stage" == all ]]; then
   build_op || exit 1
-  step cuda-op 170 python3 -m pytest -x -q -p no:cacheprovider tests/test_kernel_cuda.py
+  step cuda-op 200 python3 -m pytest -x -q -p no:cacheprovider "${parallel[@]}" tests/test_kernel_cuda.py
   step flex-cuda 150 python3 -m pytest -x -q -p no:cacheprovider tests/test_attention_flex_cuda.py \
     "tests/test_attention_flex.py::test_model_with_per_layer_patterns_matches_the_oracle"
 fi

@@ -71,7 +71,7 @@ SYSTEMS = _systems()
 """All benchmarkable systems by name."""
 
 DEFAULT_SYSTEMS = ["floor", "bert-sdpa", "bert-eager", "full:dense", "longformer:kernel", "sparse-w4:windowed",
-                   "sparse-w4:kernel", "sparse-w64:kernel"]
+                   "sparse-w4:kernel", "sparse-w4:flex", "sparse-w4:flex-eager", "sparse-w64:kernel"]
 DEFAULT_LENGTHS = [64, 128, 256, 512, 1024, 2048, 4096]
 PASSAGES = (100, 164)  # documents per forward, total length of each
 EAGER_MAX_TOKENS = 1024
