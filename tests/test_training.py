@@ -249,8 +249,8 @@ def test_train_st_end_to_end(tmp_path, data):
     argv = ["--output", str(out), "--init", str(init), "--pattern", "sparse", "--window", "1", "--teacher",
             str(teacher), "bm25*0.3", "--data", str(data), "--max-steps", "3", "--lists-per-query", "2",
             "--list-size", "4", "--hard", "2", "--dev-queries", "1", "--dev-depths", "3", "10", "--eval-steps", "2",
-            "--lr", "1e-3", "--max-length", "64", "--save-dtype", "float16", "--eval", "dl19", "vaswani",
-            "--eval-depth", "6", "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "runs")]
+            "--lr", "1e-3", "--max-length", "64", "--save-dtype", "float16", "--collections", "dl19", "vaswani",
+            "--depth", "6", "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "runs")]
     assert train_st.main(argv) == 0
     record = json.loads((out / "training.json").read_text())
     assert record["pattern"] == "sparse" and record["window"] == 1 and record["steps"] == 3

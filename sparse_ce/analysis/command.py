@@ -13,11 +13,13 @@ from pathlib import Path
 
 from ..cli import UsageError
 from ..data.collections import load_collection
+from ..errors import positive_int
 from ..eval.evaluate import truncate
+from ..options import DEFAULT_DATA, add_model, add_renamed, model_of
 from ..rank.rerank import add_scoring_arguments, make_scorer
 from ..runtime import set_threads
 
-DEFAULT_DEPTH = 20
+DEFAULT_DEPTH = 20  # not options.DEFAULT_DEPTH (100): ablation scores each collection once per variant
 """Candidates re-ranked per query by ``ablate``: 88 variants of DL19's 43 queries at depth 20 fit in ~30 minutes on
 two CPU cores (most variants run on the dense backend)."""
 
@@ -28,21 +30,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     heads = sub.add_parser("heads", help="per-head attention across query and document: relevant vs negatives")
     svd = sub.add_parser("svd", help="SVD alignment of each head's query-key matrix, against heads.json")
     for command in (ablate, heads, svd):
-        command.add_argument("model", help="model folder or Hub id (a sparse-ce model for ablate)")
+        add_model(command, "model folder or Hub id (a sparse-ce model for ablate)", positional_alias=True)
         command.add_argument("--output-dir", type=Path, default=Path("analysis"), help="where results go (./analysis)")
     for command in (ablate, heads):
-        command.add_argument("--collection", nargs="+", required=True, help="dl19, dl20, vaswani, scifact or irds:<id>")
-        command.add_argument("--data", type=Path, default=Path("../shared/data"), help="offline data folder")
+        add_renamed(command, "--collections", "--collection", dest="collections", nargs="+", required=True,
+                    help="dl19, dl20, vaswani, scifact or irds:<id> (--collection: deprecated spelling)")
+        command.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"offline data folder ({DEFAULT_DATA})")
         command.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "sparse-ce", help="BM25 runs")
-        command.add_argument("--limit-queries", type=int, metavar="N", help="the first N queries of each collection")
-    ablate.add_argument("--depth", type=int, default=DEFAULT_DEPTH, metavar="N",
+        command.add_argument("--limit-queries", type=positive_int, metavar="N", help="the first N queries of each collection")
+    ablate.add_argument("--depth", type=positive_int, default=DEFAULT_DEPTH, metavar="N",
                         help=f"candidates re-ranked per query (default {DEFAULT_DEPTH})")
     add_scoring_arguments(ablate)
     heads.add_argument("--per-class", type=int, default=4, metavar="N",
                        help="passages per class (relevant, hard and easy negatives) and query (default 4)")
     heads.add_argument("--max-length", type=int, default=256, help="tokens per pair (default 256)")
     heads.add_argument("--seed", type=int, default=0)
-    heads.add_argument("--threads", type=int, help="CPU threads")
+    heads.add_argument("--threads", type=positive_int, help="CPU threads")
     svd.add_argument("--heads", type=Path, help="heads.json of `analyze heads` for the same model: correlate with it")
 
 
@@ -67,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    model_of(args, f"sparse-ce analyze {args.analysis}")
     set_threads(getattr(args, "threads", None))
     if args.analysis == "svd":
         from .svd import run_svd
@@ -82,9 +86,9 @@ def _run(args: argparse.Namespace) -> int:
     depth = getattr(args, "depth", 100)
     try:
         collections = [truncate(load_collection(name, args.data, args.cache_dir, depth), depth, args.limit_queries)
-                       for name in args.collection]
+                       for name in args.collections]
     except (ValueError, FileNotFoundError) as error:
-        raise UsageError(f"--collection: {error}") from error
+        raise UsageError(f"--collections: {error}") from error
     if args.analysis == "ablate":
         from .ablate import run_ablation
 
@@ -117,7 +121,7 @@ def _load(model: str):
         options = {} if config.model_type == "sparse_ce" else {"attn_implementation": "eager"}
         return AutoModelForSequenceClassification.from_pretrained(model, trust_remote_code=True, dtype="float32", **options).eval()
     except OSError as error:
-        raise UsageError(f"model {model}: {str(error).splitlines()[0]}") from error
+        raise UsageError(f"--model {model}: {str(error).splitlines()[0]}") from error
 
 
 def _tokenizer(model: str):

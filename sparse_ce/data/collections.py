@@ -21,6 +21,18 @@ from .first_stage import Candidate, FirstStage, iter_corpus, read_dl_json, read_
 logger = logging.getLogger(__name__)
 
 
+def measure_label(measure: ir_measures.Measure) -> str:
+    """The name of ``measure`` with the relevance threshold of a binary measure always written out: ir_measures
+    prints ``RR@10`` for ``rel=1`` and ``RR(rel=2)@10`` for 2, so one label would otherwise hide which cut it used
+    (``RR(rel=1)@10``); graded nDCG is left as it is."""
+    text = str(measure)
+    if "rel" not in measure.SUPPORTED_PARAMS or measure.NAME == "nDCG" or "rel=" in text:
+        return text
+    rel = f"rel={measure.params.get('rel', 1)}"
+    rest = text[len(measure.NAME):]
+    return measure.NAME + (f"({rel}, {rest[1:]}" if rest.startswith("(") else f"({rel}){rest}")
+
+
 @dataclass
 class Collection:
     """A re-ranking test collection.

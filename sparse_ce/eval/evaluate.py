@@ -25,10 +25,11 @@ from pathlib import Path
 import ir_measures
 from ..cli import UsageError
 from ..data import read_run, write_run
-from ..data.collections import COLLECTIONS, Collection, load_collection
+from ..data.collections import COLLECTIONS, Collection, load_collection, measure_label
 from ..provenance import ModelNotFound, forget, matching_result, model_digest, package_version, write_manifest
 from ..rank.fusion import fuse_first_stage
 from ..errors import positive_int
+from ..options import DEFAULT_DATA
 from ..rank.rerank import add_scoring_arguments, check_fusion_argument, check_queries, make_scorer
 from ..rank.shards import process_group, score_first_stage
 from ..runtime import resolve_dtype, set_threads
@@ -53,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="another depth for some collections, e.g. scifact=30 (long abstracts)")
     parser.add_argument("--limit-queries", type=positive_int, metavar="N", help="first N judged queries of each collection")
     parser.add_argument("--output-dir", type=Path, required=True, help="runs/, results.json and results.md go here")
-    parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="offline data folder")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"offline data folder ({DEFAULT_DATA})")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "sparse-ce", help="BM25 runs")
     add_scoring_arguments(parser)
     parser.add_argument("--fuse-first-stage", type=float, metavar="WEIGHT",
@@ -241,9 +242,10 @@ def measure_run(collection: Collection, run: dict[str, list[tuple[str, float]]])
     judged = sorted({q.query_id for q in qrels})
     flat = [ir_measures.ScoredDoc(qid, docid, score) for qid, hits in run.items() if qid in qids for docid, score in hits]
     measures = collection.measures()
-    values: dict[str, dict[str, float]] = {str(m): {qid: 0.0 for qid in judged} for m in measures}
+    labels = {str(m): measure_label(m) for m in measures}  # RR(rel=1)@10, not RR@10: the threshold in every label
+    values: dict[str, dict[str, float]] = {labels[str(m)]: {qid: 0.0 for qid in judged} for m in measures}
     for metric in ir_measures.iter_calc(measures, qrels, flat):
-        values[str(metric.measure)][metric.query_id] = float(metric.value)
+        values[labels[str(metric.measure)]][metric.query_id] = float(metric.value)
     return {
         "mean": {m: sum(v.values()) / max(len(v), 1) for m, v in values.items()},
         "per_query": values[PRIMARY],
@@ -348,17 +350,21 @@ def evaluate_model(model: str, collections: Iterable[str], data: str | Path, dep
 
 
 def markdown_single(results: dict[str, dict[str, float]], depth: int, limit_queries: int | None) -> str:
-    """One model's test scores as a Markdown table (for its model card)."""
+    """One model's test scores as a Markdown table (for its model card); each row's binary measures name their
+    relevance threshold (grade ≥ 2 on TREC DL, ≥ 1 elsewhere) in a column of their own."""
     def generic(measure: str) -> str:
         return re.sub(r"\(rel=\d+\)", "", measure)
 
+    def threshold(row: dict) -> str:
+        grades = sorted({m for label in row for m in re.findall(r"\(rel=(\d+)\)", label)})
+        return " / ".join(f"≥ {g}" for g in grades) or "–"
+
     measures = [m for m in next(iter(results.values())) if m != "queries"]
-    lines = ["| collection | queries | " + " | ".join(map(generic, measures)) + " |", "|---" * (2 + len(measures)) + "|"]
+    lines = ["| collection | queries | relevant (RR, R) | " + " | ".join(map(generic, measures)) + " |",
+             "|---" * (3 + len(measures)) + "|"]
     for name, row in results.items():
         values = [v for m, v in row.items() if m != "queries"]
-        lines.append(f"| {name} | {row['queries']} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
+        lines.append(f"| {name} | {row['queries']} | grade {threshold(row)} | "
+                     + " | ".join(f"{v:.4f}" for v in values) + " |")
     scope = f"first {limit_queries} queries, " if limit_queries else ""
-    return "\n".join(lines) + (
-        f"\n\nRe-ranking the first-stage top-{depth} ({scope}judged queries); RR and R count grade ≥ 2 as relevant on "
-        "TREC DL, ≥ 1 elsewhere."
-    )
+    return "\n".join(lines) + f"\n\nRe-ranking the first-stage top-{depth} ({scope}judged queries)."

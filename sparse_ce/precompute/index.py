@@ -22,6 +22,8 @@ from ..data import iter_corpus, open_text, read_dl_json
 from ..rank.scoring import load_tokenizer
 from ..rank.shards import process_group
 from ..runtime import set_threads
+from ..errors import positive_int
+from ..options import add_model, add_renamed, model_of
 from .ranker import MIXENCODER_TYPE
 from .store import STORAGE_DTYPES
 from .writer import write_store
@@ -29,17 +31,19 @@ from .writer import write_store
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``index`` options to ``parser``."""
-    parser.add_argument("model", help="MixEncoder folder or Hub id")
+    add_model(parser, "MixEncoder folder or Hub id", positional_alias=True)
     parser.add_argument("--corpus", required=True, help="TREC DL JSON first stage, BEIR jsonl, TSV docid<TAB>text, "
                         "TREC <DOC> file (.gz allowed) or irds:<ir_datasets id>")
     parser.add_argument("--output", required=True, help="store folder (an incomplete store there is resumed)")
-    parser.add_argument("--batch-size", type=int, default=64, help="documents per forward (default: 64)")
-    parser.add_argument("--shard-size", type=int, default=4096, help="documents per shard file (default: 4096)")
-    parser.add_argument("--dtype", choices=sorted(STORAGE_DTYPES), default="float32",
-                        help="dtype of the stored context embeddings (computed in float32; default: float32)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="documents per forward (default: 64)")
+    parser.add_argument("--shard-size", type=positive_int, default=4096, help="documents per shard file (default: 4096)")
+    add_renamed(parser, "--storage-dtype", "--dtype", dest="storage_dtype", choices=sorted(STORAGE_DTYPES),
+                default="float32", help="dtype the context embeddings are stored in (computed in float32; default: "
+                "float32; --dtype is its deprecated spelling: --dtype is the compute dtype elsewhere)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores this process may use)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--limit", type=int, metavar="N", help="the first N distinct documents only (smoke tests)")
+    add_renamed(parser, "--limit-documents", "--limit", dest="limit_documents", type=positive_int, metavar="N",
+                help="the first N distinct documents only (smoke tests; --limit is its deprecated spelling)")
     parser.add_argument("--fix-text", action=argparse.BooleanOptionalAction,
                         help="repair mojibake with ftfy (default: on for TREC DL JSON, as rerank --dl-json does)")
     parser.add_argument("--overwrite", action="store_true", help="encode every shard again instead of resuming")
@@ -93,6 +97,7 @@ def fixed(documents: Iterable[tuple[str, str]], fix_text: bool) -> Iterator[tupl
 
 def run(args: argparse.Namespace) -> int:
     """Encode the corpus into the store and print documents, shards, time and documents per second."""
+    model_of(args, "sparse-ce index")
     threads = set_threads(args.threads)
     documents, description = corpus_documents(args.corpus, args.fix_text)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -100,16 +105,16 @@ def run(args: argparse.Namespace) -> int:
         model = AutoModelForSequenceClassification.from_pretrained(args.model, trust_remote_code=True)
         tokenizer = load_tokenizer(args.model)
     except (OSError, ValueError) as error:
-        raise UsageError(f"model {args.model}: {str(error).splitlines()[0]}") from error
+        raise UsageError(f"--model {args.model}: {str(error).splitlines()[0]}") from error
     if model.config.model_type != MIXENCODER_TYPE:
-        raise UsageError(f"model {args.model}: model_type {model.config.model_type!r}; only MixEncoders "
+        raise UsageError(f"--model {args.model}: model_type {model.config.model_type!r}; only MixEncoders "
                          f"({MIXENCODER_TYPE}) pre-compute their candidates")
     model.to(device).eval()
     rank, world = process_group()
     try:
         report = write_store(
             model, tokenizer, documents, args.output, corpus_name=description, batch_size=args.batch_size,
-            shard_size=args.shard_size, dtype=args.dtype, limit=args.limit, overwrite=args.overwrite, rank=rank,
+            shard_size=args.shard_size, dtype=args.storage_dtype, limit=args.limit_documents, overwrite=args.overwrite, rank=rank,
             world=world, progress=not args.no_progress,
         )
     except ValueError as error:

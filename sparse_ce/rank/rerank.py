@@ -21,6 +21,7 @@ from configuration_sparse_ce import ATTENTION_BACKENDS
 from ..cli import UsageError
 from ..errors import positive_int, run_tag
 from ..data import FirstStage, read_dl_json, read_qrels, read_run_first_stage, write_run
+from ..data.collections import measure_label
 from ..runtime import set_threads
 from .fusion import check_weight, fuse_first_stage
 from .limits import QueryError, model_limits
@@ -32,6 +33,11 @@ if TYPE_CHECKING:
     from ..precompute.store import CandidateStore
 
 MEASURES = ("nDCG@10", "RR@10", "R@100")
+"""The default measures; the binary ones at ``--relevant-grade`` (labels always carry it: ``RR(rel=2)@10``)."""
+
+TREC_DL_RELEVANT_GRADE = 2
+"""The lowest relevant grade of TREC DL passage judgements for binary measures (NIST's convention; ``evaluate``'s
+``dl19``/``dl20`` use the same)."""
 
 
 def _measure(name: str) -> ir_measures.Measure:
@@ -40,6 +46,21 @@ def _measure(name: str) -> ir_measures.Measure:
         return ir_measures.parse_measure(name)
     except (NameError, SyntaxError, ValueError) as error:
         raise argparse.ArgumentTypeError(f"not an ir_measures measure: {name!r} ({error})") from error
+
+
+def with_threshold(measure: ir_measures.Measure, grade: int) -> ir_measures.Measure:
+    """``measure`` with its relevance threshold in its label: a binary measure given without one (``RR@10``) gets
+    ``rel=grade``; graded measures (nDCG) and explicit thresholds are kept."""
+    if "rel" in measure.SUPPORTED_PARAMS and "rel" not in measure.params and measure.NAME != "nDCG":
+        return measure(rel=grade)
+    return measure
+
+
+def default_relevant_grade(args: argparse.Namespace) -> int:
+    """``--relevant-grade``, or 2 for a TREC DL JSON first stage (as ``evaluate`` measures dl19/dl20), else 1."""
+    if args.relevant_grade is not None:
+        return args.relevant_grade
+    return TREC_DL_RELEVANT_GRADE if args.dl_json else 1
 
 
 def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,8 +100,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         type=_measure,
         default=[_measure(name) for name in MEASURES],
-        help=f"ir_measures names, e.g. 'RR(rel=2)@10' for TREC DL's binary cut (default: {' '.join(MEASURES)})",
+        help=f"ir_measures names (default: {' '.join(MEASURES)}); binary ones without rel= count --relevant-grade",
     )
+    parser.add_argument("--relevant-grade", type=positive_int, metavar="N",
+                        help="lowest grade binary measures count as relevant (default: 2 with --dl-json, TREC DL's "
+                        "convention as in evaluate; else 1)")
     add_scoring_arguments(parser)
     parser.add_argument("--maxp", action="store_true", help="score long documents by their best overlapping window")
     parser.add_argument("--limit-queries", type=positive_int, metavar="N", help="re-rank the first N queries only")
@@ -135,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
     if args.maxp:
         print(f"documents split into MaxP windows: {stats.long_documents} of {stats.pairs} ({stats.rows} rows in all)")
     if args.qrels:
-        print(_evaluate(args.measures, args.qrels, args.output, set(first_stage.candidates)))
+        measures = [with_threshold(m, default_relevant_grade(args)) for m in args.measures]
+        print(_evaluate(measures, args.qrels, args.output, set(first_stage.candidates)))
     print(f"run: {args.output}")
     per_query = 1000 * scored.seconds / max(len(first_stage), 1)
     print(f"{len(first_stage)} queries, {stats.pairs} pairs in {scored.seconds:.1f} s: {scored.pairs_per_second:.1f} "
@@ -232,4 +257,4 @@ def _evaluate(measures: list[ir_measures.Measure], qrels_path: str, run_path: st
         return f"no judgements in {qrels_path} for the {len(qids)} re-ranked queries"
     metrics = ir_measures.calc_aggregate(measures, qrels, ir_measures.read_trec_run(run_path))
     judged = len({qrel.query_id for qrel in qrels})
-    return " ".join(f"{measure}={metrics[measure]:.4f}" for measure in measures) + f" (queries judged: {judged})"
+    return " ".join(f"{measure_label(m)}={metrics[m]:.4f}" for m in measures) + f" (queries judged: {judged})"
