@@ -42,3 +42,17 @@ def test_a_long_candidate_is_cut_by_the_scorer_and_counted(mixencoder):
     assert scores[0] == pytest.approx(scores[1], abs=1e-6)  # the counted cut is the only one: the same tokens seen
     different, _ = mixencoder.score(["goldfish"], [" ".join(["water"] * (room - 5) + ["cat"] * 5)])
     assert different[0] != pytest.approx(scores[0], abs=1e-6)  # the tail matters when it fits: the test can fail
+
+
+def test_a_bi_encoder_teacher_counts_the_texts_it_cuts(tmp_path, caplog):
+    from tiny import make_bi_encoder_folder
+
+    from sparse_ce.train.teacher import Teacher
+
+    teacher = Teacher(make_bi_encoder_folder(tmp_path / "bi"))  # max_seq_length 64
+    long = " ".join(["water"] * 100)
+    with caplog.at_level("WARNING", "sparse_ce.train.teacher"):
+        teacher.score(["goldfish", "goldfish"], ["the dog", long])
+    assert teacher.cut_texts == 1 and "1 of 3 distinct texts are longer than its max_seq_length 64" in caplog.text
+    teacher.score(["goldfish"], ["the dog"])
+    assert teacher.cut_texts == 0

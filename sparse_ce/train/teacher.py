@@ -55,6 +55,7 @@ class Teacher:
         self.batch_size = batch_size
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.kind = "bi-encoder" if is_bi_encoder(model) else "cross-encoder"
+        self.cut_texts = 0  # texts a bi-encoder cut to its max_seq_length in the last score() (logged)
 
     def score(self, queries: Sequence[str], documents: Sequence[str]) -> list[float]:
         """Score each pair ``(queries[i], documents[i])``; higher is more relevant."""
@@ -70,6 +71,10 @@ class Teacher:
 
         model = SentenceTransformer(self.name, device=self.device)
         texts = sorted(set(queries) | set(documents))
+        self.cut_texts = count_cut(model, texts)  # sentence-transformers cuts at max_seq_length without a word
+        if self.cut_texts:
+            logger.warning("%s: %d of %d distinct texts are longer than its max_seq_length %d and were cut",
+                           self.name, self.cut_texts, len(texts), model.max_seq_length)
         vectors = model.encode(
             texts, batch_size=self.batch_size, convert_to_tensor=True, normalize_embeddings=True,
             show_progress_bar=True,
@@ -78,6 +83,15 @@ class Teacher:
         q = vectors[[index[text] for text in queries]]
         d = vectors[[index[text] for text in documents]]
         return (q * d).sum(-1).float().cpu().tolist()
+
+
+def count_cut(model, texts: Sequence[str]) -> int:
+    """How many ``texts`` a sentence-transformers ``model`` cuts to its ``max_seq_length`` (special tokens included)."""
+    limit = model.max_seq_length
+    if not limit:
+        return 0
+    lengths = model.tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
+    return sum(len(ids) > limit for ids in lengths)
 
 
 def cached_teacher_scores(
