@@ -208,6 +208,11 @@ class SparseCrossEncoderModel(SparseCrossEncoderPreTrainedModel):
                 f"attention_pattern: layers {outside} are outside the six-flag family; 'auto' runs them with the "
                 "dense backend (quadratic in length)"
             )
+        if name == "auto" and dropout and flex_ready and self.device.type == "cuda":
+            logger.warning_once(
+                f"attention_probs_dropout_prob={self.config.attention_probs_dropout_prob}: FlexAttention has no "
+                "attention dropout, so 'auto' trains with the windowed/dense backends; set it to 0 to train through flex"
+            )
         _log_backends(name, self.device.type, tuple(names))
         return [functools.partial(ATTENTION_FUNCTIONS[n], kernel=kernel) if n == "kernel" else ATTENTION_FUNCTIONS[n] for n in names]
 

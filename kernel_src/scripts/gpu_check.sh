@@ -2,8 +2,9 @@
 # Everything a session with a lent GPU must check (issue 22), as two stages that each fit in five minutes:
 #   a) build the CUDA op; its tests with SPARSE_CE_REQUIRE_CUDA=1 (a skip is a failure); the flex tests on CUDA
 #      (q/k/v gradients against the dense backend, a short CrossEncoderTrainer run through `auto` = flex);
-#   b) compute-sanitizer memcheck on a small subset of the CUDA op's tests; then `sparse-ce bench`: bf16, MiniLM
-#      shape, 1 x {512, 2048, 4096} and 100 x 164 tokens, systems BERT SDPA, flex, windowed, kernel, auto, floor.
+#   b) compute-sanitizer memcheck on one small forward + backward of the op (bench_op.py --smoke), the op-level
+#      benchmark (bench_op.py: op vs bandwidth bound vs SDPA); then `sparse-ce bench`: bf16, MiniLM shape,
+#      1 x {512, 2048, 4096} and 100 x 164 tokens, systems BERT SDPA, flex, windowed, kernel, auto, floor.
 # Usage, in the repository root on the device (wheels from fetch_device_wheels.sh carried in .whl/):
 #   bash kernel_src/scripts/gpu_check.sh a      # or b, or all; logs and the bench results go to $OUT (or gpu_check/)
 # From the device tool: run(command="bash kernel_src/scripts/gpu_check.sh a", carry=[".whl"], timeout_s=330).
@@ -56,8 +57,9 @@ fi
 
 if [[ "$stage" == b || "$stage" == all ]]; then
   build_op || exit 1
-  step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -x -q -p no:cacheprovider \
-    tests/test_kernel_cuda.py -k "hundred_documents or rows_without_finite_key"
+  step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 python3 kernel_src/scripts/bench_op.py \
+    --kernel "$kernel_dir" --smoke
+  step bench-op 60 python3 kernel_src/scripts/bench_op.py --kernel "$kernel_dir" --reps 50
   step bench 240 python3 -c 'import sys; from sparse_ce.cli import main; sys.exit(main(sys.argv[1:]))' bench \
     --device cuda --dtype bfloat16 --lengths 512 2048 4096 --passages 100x164 --repeats 10 --min-repeats 5 \
     --warmup 2 --systems floor bert-sdpa sparse-w4:auto sparse-w4:flex sparse-w4:windowed sparse-w4:kernel \
