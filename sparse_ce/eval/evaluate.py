@@ -176,8 +176,8 @@ def _parse_system(text: str) -> tuple[str, str]:
 
 
 def run_name(system: str, collection: str, depth: int, limit_queries: int | None) -> str:
-    """The run file of a system on a collection; depth and query limit are part of it, so a reused run always
-    matches the requested setting."""
+    """The run file of a system on a collection (depth and query limit in its name). Whether a saved run is reused
+    is decided by its manifest (:func:`run_manifest`), not by this name."""
     return f"{system}-{collection}-top{depth}" + (f"-q{limit_queries}" if limit_queries else "") + ".run"
 
 
