@@ -88,3 +88,21 @@ def test_a_good_tag_is_written_in_every_run_line(tiny_model_dir, tmp_path, capsy
             "--output", str(output), "--no-progress", "--tag", "my-run"]
     assert main(argv) == 0
     assert [line.split()[5] for line in output.read_text().splitlines()] == ["my-run", "my-run"]
+
+
+@pytest.mark.parametrize("command", ["evaluate", "analyze"])
+def test_an_empty_query_in_a_collection_stops_evaluate_and_analyze_before_any_work(
+        spread_model_dir, tmp_path, capsys, command):
+    from tiny import make_data_folder
+
+    data = make_data_folder(tmp_path / "data")
+    dl19 = data / "trec-dl" / "bm25_top100_dl19.json"
+    entries = json.loads(dl19.read_text())
+    entries[0]["query"] = ""
+    dl19.write_text(json.dumps(entries))
+    out = tmp_path / "out"
+    argv = {"evaluate": ["evaluate", "--system", f"m={spread_model_dir}", "--output-dir", str(out)],
+            "analyze": ["analyze", "ablate", "--model", str(spread_model_dir), "--output-dir", str(out)]}[command]
+    status, err = answer([*argv, "--collections", "dl19", "--data", str(data), "--no-progress"], capsys)
+    assert status == 2 and len(err.splitlines()) == 1 and "empty query" in err, err
+    assert not out.exists()

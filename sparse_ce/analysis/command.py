@@ -16,7 +16,7 @@ from ..data.collections import load_collection
 from ..errors import positive_int
 from ..eval.evaluate import truncate
 from ..options import DEFAULT_DATA, add_model, add_renamed, model_of
-from ..rank.rerank import add_scoring_arguments, make_scorer
+from ..rank.rerank import add_scoring_arguments, check_queries, make_scorer
 from ..runtime import set_threads
 
 DEFAULT_DEPTH = 20  # not options.DEFAULT_DEPTH (100): ablation scores each collection once per variant
@@ -92,6 +92,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.analysis == "ablate":
         from .ablate import run_ablation
 
+        for collection in collections:  # every query checked before the weights load
+            check_queries(args.model, collection.first_stage, args)
         scorer = make_scorer(args.model, args, progress=False)
         try:
             run_ablation(scorer, collections, args.output_dir)
