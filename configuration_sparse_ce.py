@@ -60,6 +60,11 @@ SCORE_HEADS = ("cls", "cosine", "cls-cosine")
 """How a row becomes one logit: BERT's pooler + linear classifier on [CLS], or a scaled cosine of the mean query
 state and the mean document state or the [CLS] state (see :class:`SparseCrossEncoderConfig`)."""
 
+SCORE_ACTIVATION = "torch.nn.modules.linear.Identity"
+"""What sentence-transformers' ``CrossEncoder`` applies to the logit by default (``config.sentence_transformers``):
+the identity, so ``predict`` and ``rank`` order documents exactly as the logits do. Its own default, a sigmoid,
+saturates on ranking-trained heads (logits of 8-16 made DL19's top 10 tie at 0.999999881 in float32)."""
+
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 """A pinned kernel revision: a full commit sha (branches, tags and versions can be moved to other code)."""
 
@@ -238,6 +243,10 @@ class SparseCrossEncoderConfig(BertConfig):
         self.kernel_version = kernel_version
         self.score_head = score_head
         self.cosine_scale = cosine_scale
+        settings = getattr(self, "sentence_transformers", None)  # a converted model's own setting is kept
+        if not isinstance(settings, dict) or "activation_fn" not in settings:
+            self.sentence_transformers = {**(settings if isinstance(settings, dict) else {}),
+                                          "activation_fn": SCORE_ACTIVATION}
         self.validate_pattern()
 
     @classmethod

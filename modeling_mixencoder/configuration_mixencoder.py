@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from transformers import BertConfig
 
+SCORE_ACTIVATION = "torch.nn.modules.linear.Identity"
+"""sentence-transformers' default activation for this ranker's logit (``config.sentence_transformers``): the identity,
+as ``configuration_sparse_ce.SCORE_ACTIVATION`` (restated: a MixEncoder Hub folder carries no sparse-ce config)."""
+
 CONTEXT_STRATEGIES = ("S", "C")
 """S: k special tokens prepended to the candidate, their outputs kept; C: k learned codes attending over its outputs."""
 
@@ -57,6 +61,10 @@ class MixEncoderConfig(BertConfig):
         room = self.max_position_embeddings - (num_context - 1 if context_strategy == "S" else 0)
         self.max_query_length = max_query_length if max_query_length is not None else min(64, self.max_position_embeddings)
         self.max_candidate_length = max_candidate_length if max_candidate_length is not None else min(256, room)
+        settings = getattr(self, "sentence_transformers", None)
+        if not isinstance(settings, dict) or "activation_fn" not in settings:
+            self.sentence_transformers = {**(settings if isinstance(settings, dict) else {}),
+                                          "activation_fn": SCORE_ACTIVATION}
         self.validate_mixencoder()
 
     def validate_mixencoder(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .attention_dense import dense_attention
+from .attention_flex import flex_attention_compiled, flex_attention_eager
 from .attention_kernel import kernel_attention
 from .attention_windowed import windowed_attention
 from .pattern import AttentionPattern
@@ -18,7 +19,12 @@ ATTENTION_FUNCTIONS: dict[str, Callable] = {
     "dense": dense_attention,
     "windowed": windowed_attention,
     "kernel": kernel_attention,  # needs ``kernel=<module>`` bound, see the model's backend resolution
+    "flex": flex_attention_compiled,  # torch.compile(flex_attention): Triton on CUDA, C++ on CPU (forward only)
+    "flex-eager": flex_attention_eager,  # uncompiled FlexAttention: the reference path, quadratic memory
 }
+
+FLAG_FAMILY_BACKENDS = ("windowed", "kernel")
+"""Backends that run only the six-flag family; the others honour any five-segment pattern."""
 
 
 def register_attention_backend(name: str, function: Callable) -> None:
@@ -33,23 +39,32 @@ def resolve_backend(
     kernel_ready: bool = False,
     device_type: str = "cpu",
     layer: int | None = None,
+    flex_ready: bool = False,
+    dropout: bool = False,
 ) -> str:
     """Pick the backend of one layer for ``name`` (``auto`` or a key of :data:`ATTENTION_FUNCTIONS`).
 
-    ``auto``: dense when weights are requested, the pattern is plain full attention (one SDPA call is fastest there)
-    or it lies outside the six-flag family (only dense honours any five-segment pattern); else the kernel when it is
-    ready for this device and mode, except on CUDA for patterns with long rows (:attr:`AttentionPattern.has_long_rows`:
-    its one-warp-per-row design scans those serially, see ``kernel_src/cuda/NOTES.md``); else windowed. An explicit
-    backend that cannot honour the pattern raises.
+    ``auto``: dense when weights are requested or the pattern is plain full attention (one SDPA call is fastest
+    there). On CUDA, ``flex`` for every other pattern when FlexAttention is available (``flex_ready``) and no attention
+    dropout is asked for (``dropout``: training with dropout > 0; FlexAttention has none); the never-measured CUDA op
+    runs only when configured (``attention_backend='kernel'``). Else dense for patterns outside the six-flag family;
+    the kernel when it is ready for this device and mode, except on CUDA for patterns with long rows
+    (:attr:`AttentionPattern.has_long_rows`: its one-warp-per-row design scans those serially, see
+    ``kernel_src/cuda/NOTES.md``); else windowed. On CPU ``auto`` never picks ``flex`` (no backward there; the CPU
+    kernel is faster, docs/benchmarks.md). An explicit backend that cannot honour the pattern raises.
     """
     if name == "auto":
-        if output_attentions or pattern.is_full or not pattern.in_flag_family:
+        if output_attentions or pattern.is_full:
+            return "dense"
+        if device_type == "cuda" and flex_ready and not dropout:
+            return "flex"
+        if not pattern.in_flag_family:
             return "dense"
         if kernel_ready and not (device_type == "cuda" and pattern.has_long_rows):
             return "kernel"
         return "windowed"
     if name not in ATTENTION_FUNCTIONS:
         raise ValueError(f"attention_backend: unknown backend {name!r}; choose 'auto' or one of {sorted(ATTENTION_FUNCTIONS)}")
-    if name in ("windowed", "kernel"):
+    if name in FLAG_FAMILY_BACKENDS:
         pattern.require_flag_family(f"attention_backend={name!r}: " + (f"layer {layer}: " if layer is not None else ""))
     return name

@@ -185,8 +185,11 @@ def kernel_attention(
     flags = pattern_flags(pattern)
     cu_queries, cu_docs = layout.cached("kernel-offsets", lambda: layout_offsets(layout))
     window = pattern.window
+    # the layout was built (with host syncs) and checked here: skip the CUDA op's device-side check (older builds
+    # have no such argument)
+    trusted = {"validate": False} if getattr(kernel, "HAS_VALIDATE_ARGUMENT", False) else {}
     out = kernel.sparse_attention(
         query.contiguous(), key.contiguous(), value.contiguous(), cu_queries, cu_docs, layout.row_to_query,
-        flags, -1 if window is None else window, scaling,
+        flags, -1 if window is None else window, scaling, **trusted,
     )
     return out, None

@@ -54,11 +54,16 @@ FLAG_SEGMENTS = {"cls": ("cls",), "query": ("query", "sep1"), "doc": ("doc", "se
 WINDOWED_SEGMENTS = ("doc", "sep2")
 """The window ``w`` limits every pair of tokens that both lie in these segments (positions at most ``w`` apart)."""
 
-ATTENTION_BACKENDS = ("auto", "dense", "windowed", "kernel")
+ATTENTION_BACKENDS = ("auto", "dense", "windowed", "kernel", "flex", "flex-eager")
 
 SCORE_HEADS = ("cls", "cosine", "cls-cosine")
 """How a row becomes one logit: BERT's pooler + linear classifier on [CLS], or a scaled cosine of the mean query
 state and the mean document state or the [CLS] state (see :class:`SparseCrossEncoderConfig`)."""
+
+SCORE_ACTIVATION = "torch.nn.modules.linear.Identity"
+"""What sentence-transformers' ``CrossEncoder`` applies to the logit by default (``config.sentence_transformers``):
+the identity, so ``predict`` and ``rank`` order documents exactly as the logits do. Its own default, a sigmoid,
+saturates on ranking-trained heads (logits of 8-16 made DL19's top 10 tie at 0.999999881 in float32)."""
 
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 """A pinned kernel revision: a full commit sha (branches, tags and versions can be moved to other code)."""
@@ -170,9 +175,11 @@ class SparseCrossEncoderConfig(BertConfig):
             flags given alongside that contradict it log one warning. The window ``w`` still applies to every pair of
             tokens that both lie in {doc, sep2}. A token whose row allows no key gets a zero attention output. Build
             one with :func:`pattern_from_flags`, :func:`named_pattern` and :func:`ablate_pattern`.
-        attention_backend: ``"auto"``, ``"dense"`` (masked SDPA oracle), ``"windowed"`` (memory-linear PyTorch) or
-            ``"kernel"`` (the fused op). ``auto`` prefers the kernel when one loads for the device: a local build
-            (``SPARSE_CE_KERNEL=DIR``), a pinned Hub kernel, or on CPU the op sparse-ce builds on first use.
+        attention_backend: ``"auto"``, ``"dense"`` (masked SDPA oracle), ``"windowed"`` (memory-linear PyTorch),
+            ``"kernel"`` (the fused op), ``"flex"`` (compiled FlexAttention, any pattern; backward on CUDA only) or
+            ``"flex-eager"`` (uncompiled FlexAttention). ``auto`` picks ``flex`` on CUDA; on CPU it prefers the
+            kernel when one loads: a local build (``SPARSE_CE_KERNEL=DIR``), a pinned Hub kernel, or the op
+            sparse-ce builds on first use.
         share_query: Compute the query once for all rows of a batch that share it, when the pattern allows.
         sep_token_id: Id of [SEP], used to find segments when no ``token_type_ids`` are given.
         cls_token_id: Id of [CLS]; when set, the model checks that every row starts with it.
@@ -236,6 +243,10 @@ class SparseCrossEncoderConfig(BertConfig):
         self.kernel_version = kernel_version
         self.score_head = score_head
         self.cosine_scale = cosine_scale
+        settings = getattr(self, "sentence_transformers", None)  # a converted model's own setting is kept
+        if not isinstance(settings, dict) or "activation_fn" not in settings:
+            self.sentence_transformers = {**(settings if isinstance(settings, dict) else {}),
+                                          "activation_fn": SCORE_ACTIVATION}
         self.validate_pattern()
 
     @classmethod

@@ -34,6 +34,7 @@ except ImportError:  # installed package: one top-level module, one class
     from configuration_sparse_ce import SparseCrossEncoderConfig
 
 from .attention import ATTENTION_FUNCTIONS, resolve_backend
+from .attention_flex import flex_available
 from .attention_kernel import find_kernel
 from .hub_folder import HubFolderMixin
 from .pattern import AttentionPattern
@@ -181,10 +182,13 @@ class SparseCrossEncoderModel(SparseCrossEncoderPreTrainedModel):
 
     def attention_functions(self, name: str, patterns: list[AttentionPattern], output_attentions: bool) -> list:
         """The attention function of each layer for backend ``name``; loads the kernel when it may be used."""
+        dropout = self.training and self.config.attention_probs_dropout_prob > 0  # neither the kernel nor flex has it
+        flex_ready = flex_available()
         wants_kernel = name == "kernel" or (
             name == "auto"
             and not output_attentions
-            and not (self.training and self.config.attention_probs_dropout_prob > 0)  # dropout is not fused
+            and not dropout
+            and not (self.device.type == "cuda" and flex_ready)  # auto runs flex there
             and any(p.in_flag_family and not p.is_full for p in patterns)
         )
         kernel = find_kernel(self.config, self.device) if wants_kernel else None
@@ -194,15 +198,22 @@ class SparseCrossEncoderModel(SparseCrossEncoderPreTrainedModel):
                 "use 'auto' to fall back to the windowed backend"
             )
         names = [
-            resolve_backend(name, p, output_attentions, kernel is not None, self.device.type, layer=i)
+            resolve_backend(name, p, output_attentions, kernel is not None, self.device.type, layer=i,
+                            flex_ready=flex_ready, dropout=dropout)
             for i, p in enumerate(patterns)
         ]
-        outside = [i for i, p in enumerate(patterns) if not p.in_flag_family]
+        outside = [i for i, p, n in zip(range(len(patterns)), patterns, names) if not p.in_flag_family and n == "dense"]
         if name == "auto" and outside and not output_attentions:
             logger.warning_once(
                 f"attention_pattern: layers {outside} are outside the six-flag family; 'auto' runs them with the "
                 "dense backend (quadratic in length)"
             )
+        if name == "auto" and dropout and flex_ready and self.device.type == "cuda":
+            logger.warning_once(
+                f"attention_probs_dropout_prob={self.config.attention_probs_dropout_prob}: FlexAttention has no "
+                "attention dropout, so 'auto' trains with the windowed/dense backends; set it to 0 to train through flex"
+            )
+        _log_backends(name, self.device.type, tuple(names))
         return [functools.partial(ATTENTION_FUNCTIONS[n], kernel=kernel) if n == "kernel" else ATTENTION_FUNCTIONS[n] for n in names]
 
     def encode(
@@ -280,6 +291,13 @@ class SparseCrossEncoderModel(SparseCrossEncoderPreTrainedModel):
                 f"input_ids: sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
                 f"{self.config.max_position_embeddings}; truncate the document or score it by MaxP windows"
             )
+
+
+@functools.lru_cache(maxsize=None)
+def _log_backends(requested: str, device: str, names: tuple[str, ...]) -> None:
+    """One log line per distinct choice: which backend runs each layer."""
+    runs = ", ".join(sorted(set(names))) if len(set(names)) > 1 else names[0]
+    logger.info(f"sparse-ce: attention_backend={requested!r} on {device} runs {runs} ({len(names)} layers)")
 
 
 def _only_positions(position_ids, inputs_embeds) -> None:
