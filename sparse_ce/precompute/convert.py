@@ -15,6 +15,8 @@ from pathlib import Path
 
 from modeling_mixencoder import MixEncoderConfig, MixEncoderForSequenceClassification
 
+from ..sources import load_tokenizer, resolve_source
+
 logger = logging.getLogger(__name__)
 
 NEW_PARTS = re.compile(r"^(context|interaction|classifier)\.")
@@ -40,8 +42,6 @@ def convert_mixencoder(
         ValueError: a non-BERT source, bad settings, or encoder weights that did not load.
         FileExistsError: ``dst`` is not empty and ``overwrite`` is false.
     """
-    from sparse_ce.convert.command import load_tokenizer, resolve_source
-
     folder, hub_id = resolve_source(src)
     dst = Path(dst)
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
