@@ -117,7 +117,10 @@ def convert(
             sparse-ce folder or an original sparse checkpoint (``model_type: "bert"`` plus the sparse keys).
         dst: Output folder.
         pattern: ``full``, ``longformer`` or ``sparse``; ``None`` keeps the source's pattern (sparse-ce or original
-            sparse checkpoints) and gives any other source the paper's ``sparse`` pattern.
+            sparse checkpoints) and gives any other source the paper's ``sparse`` pattern. A checkpoint saved by the
+            original code (:func:`is_original_checkpoint`) keeps its window and flags, except that its
+            ``attention_window_size: 0`` (no window there) becomes ``None``; ``pattern`` or ``window`` given for a
+            source with a pattern override it, with one logged line naming both.
         window: One-sided document window; ``"default"`` keeps the pattern's (or, without ``pattern``, the source's).
         max_positions: Extend the position table to this many rows by linear interpolation.
         trained_positions: Interpolate over only this many leading rows of the table.
@@ -203,6 +206,19 @@ def build_config(
         key in source for key in ("attention_window_size", "attention_pattern", *DIRECTION_FLAGS)
     )
     fields = {k: v for k, v in source.items() if k not in ("id2label", "label2id", "num_labels", "auto_map")}
+    if is_original_checkpoint(source):
+        fields["attention_window_size"] = original_window(source)
+        logger.info(
+            "src: saved by the original sparse cross-encoder code (model_type 'bert' with attention_window_size and "
+            "the direction flags; BERT weight names, loaded unchanged): its pattern is %s", _describe_source(source)
+        )
+        if source.get("attention_window_size") == 0 and window == "default" and pattern is None:
+            logger.warning(
+                "attention_window_size: the source says 0, which the original code treats as no window (its "
+                "`if not any(attention_window_sizes)` test: documents attend to the whole document); converted as "
+                "None (unlimited) to score as the original did. In sparse-ce, 0 means a document token sees only "
+                "itself: pass --window 0 for that."
+            )
     if attention_pattern is not None:
         fields.update({flag: None for flag in DIRECTION_FLAGS}, attention_pattern=attention_pattern)
         if window != "default":
@@ -217,6 +233,14 @@ def build_config(
     if score_head is not None:
         fields["score_head"] = score_head
     config = SparseCrossEncoderConfig.from_legacy_dict({**fields, "num_labels": 1})  # rejects non-BERT model types
+    options = [f"--pattern {pattern}"] * (pattern is not None) + ["--pattern-json"] * (attention_pattern is not None)
+    options += [f"--window {'none' if window is None else window}"] * (window != "default")
+    if has_pattern and options:
+        logger.info(
+            "pattern: %s gives %s, overriding the source's own (%s)", " ".join(options),
+            _describe(config.attention_window_size, config.pattern_flags, getattr(config, "attention_pattern", None)),
+            _describe_source(source),
+        )
 
     architectures = source.get("architectures") or []
     for name in architectures:
@@ -229,6 +253,47 @@ def build_config(
             "Save its encoder (model.bert.save_pretrained) and convert that; the head is then newly initialised."
         )
     return config
+
+
+def is_original_checkpoint(source: dict) -> bool:
+    """Whether a ``config.json`` was saved by the authors' code (webis-de/ecir24-sparse-cross-encoder).
+
+    Its ``SparseCrossEncoderModelForSequenceClassification`` writes ``model_type: "bert"`` plus
+    ``attention_window_size`` and the six direction flags (the names this package uses); its parameters have BERT's
+    names (``bert.embeddings.*``, ``bert.encoder.layer.N.*``, ``bert.pooler.dense``, ``classifier``) and its
+    ``bert.embeddings.position_ids`` buffer is saved too (dropped on load), so the weights load unchanged.
+    """
+    return source.get("model_type") == "bert" and any(key in source for key in ("attention_window_size", *DIRECTION_FLAGS))
+
+
+def original_window(source: dict) -> int | None:
+    """The document window the original code applies for a source's ``attention_window_size``.
+
+    The original tests ``if not any(attention_window_sizes)``, so ``0`` counts as no window there (the document attends
+    to the whole document, as ``None``); in sparse-ce ``0`` means a token sees only itself.
+    """
+    window = source.get("attention_window_size")
+    return None if window == 0 else window
+
+
+def _describe(window, flags: dict, attention_pattern=None) -> str:
+    """``window=4, off: query_cls_attention, query_doc_attention`` (for log lines)."""
+    text = f"window={'none' if window is None else window}"
+    if attention_pattern is not None:
+        return f"{text}, an explicit per-layer pattern"
+    off = [flag for flag, on in flags.items() if on is False]
+    return f"{text}, {'off: ' + ', '.join(off) if off else 'all directions on'}"
+
+
+def _describe_source(source: dict) -> str:
+    """The pattern a source config was trained with, as :func:`_describe` words it."""
+    original = is_original_checkpoint(source)
+    window = original_window(source) if original else source.get("attention_window_size")
+    flags = {flag: source.get(flag) is not False for flag in DIRECTION_FLAGS}  # absent or null: on
+    text = _describe(window, flags, source.get("attention_pattern"))
+    if original and source.get("attention_window_size") == 0:
+        text += "; its attention_window_size=0 means no window in the original code"
+    return text
 
 
 def load_weights(
@@ -337,8 +402,16 @@ def _card_notes(source, config, name, missing, source_positions, trained_positio
         ]
     else:
         notes = [f"The classifier head is the one of `{name}`."]
+    if is_original_checkpoint(source):
+        notes.append(
+            "Converted from a checkpoint saved by the original code of Schlatt et al. "
+            "(webis-de/ecir24-sparse-cross-encoder): the weights are unchanged and the pattern is read from its config."
+            + (" Its `attention_window_size: 0` meant no window there (documents see the whole document), so it is "
+               "converted as unlimited." if source.get("attention_window_size") == 0 and config.attention_window_size is None else "")
+        )
     # a source without pattern keys is a dense BERT: unlimited window, every direction on (the legacy defaults too)
-    before = [source.get("attention_window_size"), source.get("attention_pattern"),
+    trained_window = original_window(source) if is_original_checkpoint(source) else source.get("attention_window_size")
+    before = [trained_window, source.get("attention_pattern"),
               *(source.get(flag, True) for flag in DIRECTION_FLAGS)]
     if before != [config.attention_window_size, getattr(config, "attention_pattern", None), *config.pattern_flags.values()]:
         notes.append("The attention pattern differs from the one the source was trained with: fine-tune before use.")
