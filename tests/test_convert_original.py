@@ -96,11 +96,15 @@ def test_window_0_means_no_window_as_in_the_original(tmp_path, caplog):
     shutil.copytree(FIXTURE, src)
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, "attention_window_size": 0}))
+    # as the published 4,096 model, whose tokenizer config still says 512: the limit follows the position table
+    tokenizer_config = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": 16}))
     with caplog.at_level(logging.INFO, logger="sparse_ce.convert"):
         dst = convert(src, tmp_path / "out")
     assert [r.levelno for r in caplog.records if "treats as no window" in r.getMessage()] == [logging.WARNING]
     assert pattern_of(dst) == (None, PAPER_FLAGS)
     assert "pattern differs" not in (dst / "README.md").read_text()
+    assert AutoTokenizer.from_pretrained(dst).model_max_length == config["max_position_embeddings"] == 64
     torch.testing.assert_close(scores(dst), flat(RECORD["scores_window_0"]), atol=1e-5, rtol=0)
     # asked for explicitly, 0 keeps this package's meaning (a document token sees only itself)
     caplog.clear()
