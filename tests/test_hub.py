@@ -104,7 +104,7 @@ def reference(model_dir, tmp_path_factory):
         logits = model(**inputs).logits
     path = tmp_path_factory.mktemp("inputs") / "inputs.pt"
     torch.save(inputs, path)
-    return {"inputs_file": path, "hidden": hidden, "logits": logits, "scores": torch.sigmoid(logits).squeeze(-1)}
+    return {"inputs_file": path, "hidden": hidden, "logits": logits, "scores": logits.squeeze(-1)}  # CrossEncoder: the config's Identity
 
 
 ROUND_TRIP = """
@@ -273,7 +273,8 @@ def cross_encoder_run(model_dir, tmp_path_factory):
     return new_folder, json.loads(out.read_text())
 
 
-def test_cross_encoder_predict_is_sigmoid_of_logits(cross_encoder_run, reference):
+def test_cross_encoder_predict_is_the_logit(cross_encoder_run, reference):
+    """The folder's config stores activation_fn = Identity for sentence-transformers (test_score_activation.py)."""
     _, result = cross_encoder_run
     assert result["scores"] == pytest.approx(reference["scores"].tolist(), abs=1e-5)
     assert max(result["scores"]) - min(result["scores"]) > 1e-2  # scores differ, so order checks are meaningful
@@ -308,7 +309,7 @@ def test_predict_10k_pairs_keeps_input_order(cross_encoder_run, model_dir):
     picks = random.Random(1).sample(range(len(many)), 50)
     inputs = tokenizer([many[i][0] for i in picks], [many[i][1] for i in picks], padding=True, return_tensors="pt")
     with torch.no_grad():
-        expected = torch.sigmoid(model(**inputs).logits).squeeze(-1)
+        expected = model(**inputs).logits.squeeze(-1)
     torch.testing.assert_close(at_once[picks], expected, rtol=0, atol=1e-5)
 
 
