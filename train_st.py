@@ -48,7 +48,7 @@ from sparse_ce.eval import evaluate as evaluation
 from sparse_ce.convert import convert, parse_window
 from sparse_ce.data import FirstStage, read_dl_json, read_topics
 from sparse_ce import options
-from sparse_ce.errors import positive_int
+from sparse_ce.errors import UsageError, check_output, positive_int
 from sparse_ce.runtime import set_threads
 from sparse_ce.train import datasets, mpnet, pool as pooling
 from sparse_ce.train.dev import DevRerankingEvaluator
@@ -168,6 +168,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report-to", default="none", help="trainer loggers, e.g. tensorboard or wandb")
     parser.add_argument("--model-id", help="name in the model card's usage snippets (default: the output folder)")
     args = parser.parse_args(argv)
+    try:  # before any work: a location the trained model could not be written to
+        check_output(args.output, "--output", folder=True)
+    except UsageError as error:
+        parser.error(str(error))
     if args.hard is None:
         args.hard = args.list_size // 2
     return args

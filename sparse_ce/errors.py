@@ -27,3 +27,27 @@ def run_tag(text: str) -> str:
     if not text or any(c.isspace() for c in text):
         raise argparse.ArgumentTypeError(f"a run tag is one word (no spaces: it is a field of the run line), got {text!r}")
     return text
+
+
+def check_output(path, label: str, folder: bool = False) -> None:
+    """Refuse an output location the command could not write, as a usage error, before any work: a file that is a
+    folder (or, with ``folder=True``, a folder that is a file), or one whose nearest existing folder is a file or
+    takes no new file (probed with a temporary file, removed at once; permission bits alone say yes to root).
+    Nothing else is created: the command makes the missing folders when it writes."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path).expanduser()
+    kind = "folder" if folder else "file"
+    if path.exists() and path.is_dir() != folder:
+        raise UsageError(f"{label} {path}: is a {'file' if folder else 'folder'}; expected a {kind}")
+    existing = path if folder else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{label} {path}: {existing} is a file, so the {kind} cannot be created")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UsageError(f"{label} {path}: cannot write in {existing} ({error.strerror or error})") from None

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..cli import UsageError
+from ..errors import check_output
 from . import report as bench_report
 from .measure import (
     DEFAULT_LENGTHS,
@@ -67,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.output_dir, "--output-dir", folder=True)
     if args.precomputed:
         from ..precompute import bench as precomputed
 

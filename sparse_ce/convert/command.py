@@ -21,6 +21,7 @@ from string import Template
 from configuration_sparse_ce import DIRECTION_FLAGS, PRESETS, SCORE_HEADS, SEGMENT_NAMES, SparseCrossEncoderConfig
 from modeling_sparse_ce import SparseCrossEncoderForSequenceClassification
 from ..cli import UsageError
+from ..errors import check_output
 from ..sources import HUB_FILES, load_tokenizer, resolve_source  # noqa: F401 (HUB_FILES: kept importable here)
 from .positions import extend_position_embeddings
 
@@ -90,11 +91,17 @@ def run(args: argparse.Namespace) -> int:
         convert_mixencoder(args.src, args.dst, num_context=args.k, strategy=args.strategy,
                            interaction_layers=args.interaction_layers, overwrite=args.overwrite, model_id=args.model_id)
         return 0
-    convert(
-        args.src, args.dst, pattern=args.pattern, window=args.window, max_positions=args.max_positions,
-        trained_positions=args.trained_positions, model_id=args.model_id, overwrite=args.overwrite,
-        score_head=args.score_head, pattern_json=args.pattern_json,
-    )
+    check_output(args.dst, "dst", folder=True)
+    try:
+        convert(
+            args.src, args.dst, pattern=args.pattern, window=args.window, max_positions=args.max_positions,
+            trained_positions=args.trained_positions, model_id=args.model_id, overwrite=args.overwrite,
+            score_head=args.score_head, pattern_json=args.pattern_json,
+        )
+    except (FileNotFoundError, FileExistsError) as error:  # src/dst problems, named in their first word
+        if not str(error).startswith(("src:", "dst:")):
+            raise
+        raise UsageError(str(error)) from None
     return 0
 
 

@@ -28,7 +28,7 @@ from ..data import read_run, write_run
 from ..data.collections import COLLECTIONS, Collection, load_collection, measure_label
 from ..provenance import ModelNotFound, forget, matching_result, model_digest, package_version, write_manifest
 from ..rank.fusion import fuse_first_stage
-from ..errors import positive_int
+from ..errors import check_output, positive_int
 from ..options import DEFAULT_DATA
 from ..rank.rerank import add_scoring_arguments, check_fusion_argument, check_queries, make_scorer
 from ..rank.shards import process_group, score_first_stage
@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.output_dir, "--output-dir", folder=True)
     set_threads(args.threads)
     systems = dict(_parse_system(s) for s in args.system)
     digests = {name: _system_digest(name, model) for name, model in systems.items()}  # a missing model: before work

@@ -22,7 +22,7 @@ from ..data import iter_corpus, open_text, read_dl_json
 from ..rank.scoring import load_tokenizer
 from ..rank.shards import process_group
 from ..runtime import set_threads
-from ..errors import positive_int
+from ..errors import check_output, positive_int
 from ..options import add_model, add_renamed, model_of
 from .ranker import MIXENCODER_TYPE
 from .store import STORAGE_DTYPES
@@ -97,6 +97,7 @@ def fixed(documents: Iterable[tuple[str, str]], fix_text: bool) -> Iterator[tupl
 
 def run(args: argparse.Namespace) -> int:
     """Encode the corpus into the store and print documents, shards, time and documents per second."""
+    check_output(args.output, "--output", folder=True)
     model_of(args, "sparse-ce index")
     threads = set_threads(args.threads)
     documents, description = corpus_documents(args.corpus, args.fix_text)

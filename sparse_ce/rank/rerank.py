@@ -19,7 +19,7 @@ import torch
 from configuration_sparse_ce import ATTENTION_BACKENDS
 
 from ..cli import UsageError
-from ..errors import positive_int, run_tag
+from ..errors import check_output, positive_int, run_tag
 from ..data import FirstStage, read_dl_json, read_qrels, read_run_first_stage, write_run
 from ..data.collections import measure_label
 from ..runtime import set_threads
@@ -135,8 +135,11 @@ def make_scorer(model: str, args: argparse.Namespace, progress: bool = True, max
 def run(args: argparse.Namespace) -> int:
     """Re-rank, write the run and print truncation, measures, run path, time and throughput."""
     check_fusion_argument(args.fuse_first_stage)
+    check_output(args.output, "--output")
     threads = set_threads(args.threads)
     first_stage = _read_first_stage(args)
+    if not first_stage.candidates:
+        raise UsageError("the first stage has no query with candidates: nothing to re-rank")
     store = _open_index(args) if args.index else None
     check_queries(args.model, first_stage, args)  # before the weights load
     scorer = make_scorer(args.model, args, progress=not args.no_progress, maxp=args.maxp)
