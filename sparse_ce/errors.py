@@ -51,3 +51,12 @@ def check_output(path, label: str, folder: bool = False) -> None:
             pass
     except OSError as error:
         raise UsageError(f"{label} {path}: cannot write in {existing} ({error.strerror or error})") from None
+
+
+def require(module: str, extra: str, command: str) -> None:
+    """Refuse to start ``command`` when an optional dependency is missing, naming the extra that installs it (a
+    usage error before any work, never an ImportError after it)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"{command} needs {module}, which is not installed: pip install 'sparse-ce[{extra}]'")

@@ -73,3 +73,14 @@ def test_rerank_refuses_an_empty_first_stage_and_convert_a_missing_source(capsys
     assert not (tmp_path / "x.run").exists()
     one_line_exit_2(["convert", str(tmp_path / "no-such-model"), str(tmp_path / "out")], capsys, "src:")
     assert not (tmp_path / "out").exists()
+
+
+def test_analyze_names_its_extra_before_any_work(capsys, monkeypatch, tmp_path):
+    """Without matplotlib (its figures come last) analyze stops at once, naming the extra (issue 26 item 8)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    one_line_exit_2(["analyze", "ablate", "--model", MODEL, "--collections", "dl19", "--output-dir", str(tmp_path / "a")],
+                    capsys, "needs matplotlib", "pip install 'sparse-ce[analysis]'")
+    assert not (tmp_path / "a").exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..cli import UsageError
 from ..data.collections import load_collection
-from ..errors import check_output, positive_int
+from ..errors import check_output, positive_int, require
 from ..eval.evaluate import truncate
 from ..options import DEFAULT_DATA, add_model, add_renamed, model_of
 from ..rank.rerank import add_scoring_arguments, check_queries, make_scorer
@@ -65,6 +65,7 @@ def quiet_model_code():
 
 
 def run(args: argparse.Namespace) -> int:
+    require("matplotlib", "analysis", f"sparse-ce analyze {args.analysis}")  # its figures, drawn after the work
     check_output(args.output_dir, "--output-dir", folder=True)
     with quiet_model_code():
         return _run(args)
