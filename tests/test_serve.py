@@ -89,7 +89,8 @@ def logits(cross_encoder, query: str, texts: list[str]) -> list[float]:
 def test_scores_equal_cross_encoder_predict_on_both_apis(server, cross_encoder):
     query = TOPICS["101"]
     raw = logits(cross_encoder, query, TEXTS)
-    predicted = cross_encoder.predict([(query, t) for t in TEXTS]).tolist()  # sigmoid: TEI's raw_scores=false
+    # TEI's raw_scores=false: the sigmoid of the logit (whatever activation the model's config names for predict)
+    predicted = cross_encoder.predict([(query, t) for t in TEXTS], activation_fn=torch.nn.Sigmoid()).tolist()
     for raw_scores, expected in ((True, raw), (False, predicted)):
         response = server.post("/rerank", json={"query": query, "texts": TEXTS, "raw_scores": raw_scores,
                                                 "return_text": True})
@@ -263,7 +264,7 @@ def test_index_scores_stored_ids_like_texts(tmp_path):
                                                         "return_documents": True}, timeout=30)
         assert response.status_code == 200, response.text
         encoder = CrossEncoder(str(folder), trust_remote_code=True, device="cpu")
-        expected = encoder.predict([(query, t) for t in texts]).tolist()
+        expected = encoder.predict([(query, t) for t in texts], activation_fn=torch.nn.Sigmoid()).tolist()
         results = response.json()["results"]
         assert sorted(r["index"] for r in results) == [0, 1, 2, 3]
         assert max(abs(r["relevance_score"] - expected[r["index"]]) for r in results) <= 1e-4
@@ -301,3 +302,33 @@ def test_a_failing_request_does_not_fail_its_batch():
     assert isinstance(results["poisoned"], RuntimeError)
     assert max(forwards) <= 4 and len(forwards) > 3  # requests span forwards under the 12-token budget
     assert not math.isnan(sum(results["a"]))
+
+
+def test_timeout_and_a_model_error_get_json_errors_and_the_server_goes_on(tiny_model_dir):
+    """In-process (Starlette's test client): a forward slower than --timeout gives 503, one that raises gives 500,
+    and the next request is answered."""
+    from starlette.testclient import TestClient
+
+    from sparse_ce.cli import build_parser
+    from sparse_ce.serve.app import create_app
+    from sparse_ce.serve.command import build_service
+
+    args = build_parser().parse_args(["serve", "--model", str(tiny_model_dir), "--dtype", "float32", "--threads", "1",
+                                      "--timeout", "0.5"])
+    service = build_service(args)
+    forward = service.batcher.forward
+    body = {"query": "do goldfish grow", "texts": TEXTS[:4]}
+    with TestClient(create_app(service)) as client:
+        service.batcher.forward = lambda rows: time.sleep(1.0) or forward(rows)
+        slow = client.post("/rerank", json=body)
+        assert slow.status_code == 503 and "--timeout" in slow.json()["error"] and slow.headers["retry-after"]
+        time.sleep(1.0)  # the worker finishes the slow forward
+
+        def broken(rows):
+            raise RuntimeError("out of memory")
+
+        service.batcher.forward = broken
+        failed = client.post("/v1/rerank", json={"query": "q", "documents": TEXTS[:2]})
+        assert failed.status_code == 500 and "out of memory" in failed.json()["error"]
+        service.batcher.forward = forward
+        assert client.post("/rerank", json=body).status_code == 200

@@ -1,14 +1,18 @@
 """``sparse-ce serve-bench``: load-test ``sparse-ce serve`` on 127.0.0.1 with DL19 queries and their BM25 top-100.
 
-Protocol: every request is one DL19 query with its 100 BM25 passages (TEI ``/rerank``, ``raw_scores=true``). The
+Protocol: every request is one DL19 query with its 100 BM25 passages (TEI ``/rerank``, ``raw_scores=true``,
+``truncate=true``: passages are cut to the model's length, as ``CrossEncoder.predict`` cuts them). The
 baseline answers the same requests one by one with sentence-transformers' ``CrossEncoder.predict`` in this process,
 on a plain BERT holding the same weights (what one would serve without this package), in the same dtype and thread
 count. Then a server process is started (``--stop-after``: it always ends) and loaded at each concurrency (1, 4, 16,
 64 by default) by as many asynchronous httpx clients, each sending its next request as soon as its last one is
-answered; a level sends ``max(43, 3 x concurrency)`` requests, capped at ``--max-requests``. Reported per level:
-pairs per second over the level's wall time and p50/p95/p99 request latency. Every response is checked: each index
-exactly once (nothing lost or duplicated), sorted by score (nothing mis-ordered), and each score within
-``--tolerance`` of the same pair's score at concurrency 1 (nothing mixed up between requests).
+answered; a level sends ``max(--requests, concurrency)`` requests (the first level every query once, for the
+reference; by default 43, 32, 32 and 64 requests: 17,100 pairs, DL19's queries in turn), capped at
+``--max-requests``. Reported per level: pairs per second over the level's wall time, pairs per CPU second of the
+server process (of this process for the baseline: less disturbed by other jobs on the machine) and p50/p95/p99
+request latency. Every response is checked: each index exactly once (nothing lost or duplicated), sorted by score
+(nothing mis-ordered), and each score within ``--tolerance`` of the same pair's score at the first level (nothing
+mixed up between requests).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,9 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dl-json", default=str(ROOT.parent / "shared" / "data" / "trec-dl" / "bm25_top100_dl19.json"),
                         help="TREC DL JSON first stage (default: ../shared/data/trec-dl/bm25_top100_dl19.json)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(DEFAULT_LEVELS), help="client levels")
+    parser.add_argument("--requests", type=int, default=32, help="requests per level: this many, or one per client "
+                        "where there are more clients (default: 32)")
     parser.add_argument("--max-requests", type=int, default=200, help="requests per level at most (default: 200)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of both (default: "
-                        "float32, exact comparisons)")
+    parser.add_argument("--queries", type=int, help="use the first N queries only (a quick check)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="dtype of both (default: "
+                        "bfloat16, what --dtype auto picks on CPUs with bfloat16 arithmetic)")
     parser.add_argument("--threads", type=int, help="CPU threads of both (default: the cores this process may use)")
     parser.add_argument("--batch-tokens", type=int, help="the server's --batch-tokens (default: its own)")
     parser.add_argument("--tolerance", type=float, help="largest score difference to concurrency 1 not counted as "
@@ -54,8 +63,10 @@ def run(args: argparse.Namespace) -> int:
     from ..data import read_dl_json
     from ..runtime import set_threads
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per request
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed: still stop the server (finally below)
     threads = set_threads(args.threads)
-    stage = read_dl_json(args.dl_json)
+    stage = read_dl_json(args.dl_json, limit=args.queries)
     qids, queries, texts = stage.pairs()
     requests: dict[str, tuple[str, list[str]]] = {}
     for qid, query, text in zip(qids, queries, texts):
@@ -67,12 +78,14 @@ def run(args: argparse.Namespace) -> int:
         result["baseline"] = baseline(args.model, requests, args.dtype)
         print(_line("CrossEncoder.predict, one by one", result["baseline"]), flush=True)
     tolerance = args.tolerance if args.tolerance is not None else (1e-3 if args.dtype == "float32" else 0.5)
-    with server(args, threads) as url:
+    with server(args, threads) as (url, pid):
         reference = None
         for level in args.concurrency:
-            count = min(max(len(requests), 3 * level), args.max_requests)
+            count = min(max(args.requests, level, len(requests) if reference is None else 0), args.max_requests)
             batch = [requests[i % len(requests)] for i in range(count)]
+            cpu = _cpu_seconds(pid)
             measured, responses = asyncio.run(load(url, batch, level))
+            _add_cpu(measured, _cpu_seconds(pid) - cpu)
             if reference is None:  # the first level's own scores: the reference of every pair
                 reference = {(q, t): s for (q, ts), r in zip(batch, responses) for t, s in _by_index(ts, r).items()}
             measured.update(check(batch, responses, reference, tolerance))
@@ -100,12 +113,26 @@ def baseline(model: str, requests: list[tuple[str, list[str]]], dtype: str) -> d
         encoder = CrossEncoder(str(plain), device="cpu", model_kwargs={"dtype": getattr(torch, dtype)})
     encoder.predict([(requests[0][0], t) for t in requests[0][1][:8]], show_progress_bar=False)  # warm-up
     latencies = []
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for query, texts in requests:
         begin = time.perf_counter()
         encoder.predict([(query, t) for t in texts], show_progress_bar=False)
         latencies.append(time.perf_counter() - begin)
-    return _summary(latencies, time.perf_counter() - started, sum(len(t) for _, t in requests))
+    summary = _summary(latencies, time.perf_counter() - started, sum(len(t) for _, t in requests))
+    return _add_cpu(summary, time.process_time() - cpu)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _add_cpu(summary: dict, seconds: float) -> dict:
+    """CPU seconds spent and pairs per CPU second: throughput that other jobs on the machine disturb less."""
+    summary["cpu_seconds"] = seconds
+    summary["pairs_per_cpu_second"] = summary["pairs"] / seconds if seconds > 0 else float("nan")
+    return summary
 
 
 @contextmanager
@@ -139,7 +166,7 @@ def server(args: argparse.Namespace, threads: int):
                 raise SystemExit("the server did not start within 300 s")
             time.sleep(0.5)
         httpx.post(f"{url}/rerank", json={"query": "warm up", "texts": ["a passage"] * 8}, timeout=120)
-        yield url
+        yield url, process.pid
     finally:
         process.terminate()
         try:
@@ -163,7 +190,8 @@ async def load(url: str, requests: list[tuple[str, list[str]]], concurrency: int
             for i in next_request:
                 query, texts = requests[i]
                 begin = time.perf_counter()
-                response = await client.post("/rerank", json={"query": query, "texts": texts, "raw_scores": True})
+                body = {"query": query, "texts": texts, "raw_scores": True, "truncate": True}  # cut as predict cuts
+                response = await client.post("/rerank", json=body)
                 latencies[i] = time.perf_counter() - begin
                 if response.status_code == 200:
                     responses[i] = response.json()
@@ -172,19 +200,21 @@ async def load(url: str, requests: list[tuple[str, list[str]]], concurrency: int
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    summary = _summary(latencies, wall, sum(len(t) for _, t in requests))
+    answered = sum(len(texts) for (_, texts), response in zip(requests, responses) if response is not None)
+    summary = _summary(latencies, wall, answered)  # pairs/s counts answered pairs only
     summary["failed_requests"] = len(failures)
     summary["failures"] = failures[:5]
     return summary, responses
 
 
 def check(requests: list, responses: list, reference: dict, tolerance: float) -> dict:
-    """Counts of lost, duplicated, mis-ordered and mixed-up results (and the largest difference to the reference)."""
-    lost = duplicated = misordered = mixed = 0
+    """Counts of refused requests and of lost, duplicated, mis-ordered and mixed-up results (and the largest
+    difference to the reference)."""
+    lost = duplicated = misordered = mixed = refused = 0
     largest = 0.0
     for (query, texts), response in zip(requests, responses):
-        if response is None:
-            lost += len(texts)
+        if response is None:  # answered with an error (counted in failed_requests): no results to check
+            refused += 1
             continue
         indices = [r["index"] for r in response]
         duplicated += len(indices) - len(set(indices))
@@ -195,7 +225,7 @@ def check(requests: list, responses: list, reference: dict, tolerance: float) ->
             difference = abs(score - reference[(query, text)])
             largest = max(largest, difference)
             mixed += difference > tolerance
-    return {"lost": lost, "duplicated": duplicated, "misordered": misordered, "mixed": mixed,
+    return {"refused": refused, "lost": lost, "duplicated": duplicated, "misordered": misordered, "mixed": mixed,
             "max_abs_difference": largest, "tolerance": tolerance}
 
 
@@ -219,17 +249,20 @@ def _line(name: str, m: dict) -> str:
 def table(result: dict) -> str:
     """The load table in Markdown."""
     base = result.get("baseline")
-    rows = ["| system | concurrency | requests | pairs | pairs/s | × one by one | p50 ms | p95 ms | p99 ms | lost | "
-            "duplicated | mis-ordered | mixed |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    if base:
-        rows.append(f"| CrossEncoder.predict, one by one | 1 | {base['requests']} | {base['pairs']} | "
-                    f"{base['pairs_per_second']:.1f} | 1.00 | {base['p50_ms']:.0f} | {base['p95_ms']:.0f} | "
-                    f"{base['p99_ms']:.0f} | | | | |")
-    for m in result["levels"]:
+    rows = ["| system | concurrency | requests | pairs | pairs/s | × one by one | pairs per CPU-s | p50 ms | p95 ms | "
+            "p99 ms | refused | lost | duplicated | mis-ordered | mixed |", "|---" * 15 + "|"]
+
+    def timing(m: dict) -> str:
         ratio = f"{m['pairs_per_second'] / base['pairs_per_second']:.2f}" if base else ""
-        rows.append(f"| sparse-ce serve | {m['concurrency']} | {m['requests']} | {m['pairs']} | "
-                    f"{m['pairs_per_second']:.1f} | {ratio} | {m['p50_ms']:.0f} | {m['p95_ms']:.0f} | "
-                    f"{m['p99_ms']:.0f} | {m['lost']} | {m['duplicated']} | {m['misordered']} | {m['mixed']} |")
+        return (f"{m['requests']} | {m['pairs']} | {m['pairs_per_second']:.1f} | {ratio} | "
+                f"{m.get('pairs_per_cpu_second', float('nan')):.1f} | {m['p50_ms']:.0f} | {m['p95_ms']:.0f} | "
+                f"{m['p99_ms']:.0f}")
+
+    if base:
+        rows.append(f"| CrossEncoder.predict, one by one | 1 | {timing(base)} | | | | | |")
+    for m in result["levels"]:
+        rows.append(f"| sparse-ce serve | {m['concurrency']} | {timing(m)} | {m['refused']} | {m['lost']} | "
+                    f"{m['duplicated']} | {m['misordered']} | {m['mixed']} |")
     return "\n".join(rows)
 
 
@@ -248,7 +281,8 @@ def plot(result: dict, path: Path) -> None:
     for key in ("p50_ms", "p95_ms", "p99_ms"):
         right.plot(x, [m[key] for m in levels], "o-", label=f"serve {key[:3]}")
     if "baseline" in result:
-        left.axhline(result["baseline"]["pairs_per_second"], color="gray", ls="--", label="CrossEncoder.predict, one by one")
+        left.axhline(result["baseline"]["pairs_per_second"], color="gray", ls="--",
+                     label="CrossEncoder.predict, one by one")
         right.axhline(result["baseline"]["p99_ms"], color="gray", ls="--", label="predict p99")
     for axis, label in ((left, "pairs / s"), (right, "latency (ms)")):
         axis.set_xscale("log", base=2)
