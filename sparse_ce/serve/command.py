@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                         help="compute dtype (default auto: bfloat16 where the hardware has it; float32 for exact "
                         "scores)")
-    parser.add_argument("--threads", type=int, help="CPU threads of the model (default: the cores this process may use)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads of the model (default: the cores this process may use)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--backend", help="attention backend of sparse-ce models (default: the model's own)")
     parser.add_argument("--batch-tokens", type=int, help="padded tokens per forward, across requests (default: "

@@ -56,8 +56,9 @@ class PairEncoder:
             if len(document.ids) > room:
                 if not request.truncate:
                     length = len(query.ids) + len(document.ids) + self.specials
-                    raise RequestError(413, f"{request.documents_name}[{position}]: the pair has {length} tokens, more than the maximum "
-                                            f"input length {self.max_length}; shorten it or pass truncate=true")
+                    raise RequestError(413, f"{request.documents_name}[{position}]: the pair has {length} tokens, "
+                                            f"more than the maximum input length {self.max_length}; shorten it or "
+                                            f"pass truncate=true")
                 document.truncate(room, direction="left" if request.left else "right")
                 cut += 1
             pair = self.backend.post_processor.process(query, document, True)
