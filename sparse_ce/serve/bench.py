@@ -61,7 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data import read_dl_json
+    from ..errors import require
     from ..runtime import set_threads
+
+    for module, extra in (("uvicorn", "serve"), ("httpx", "serve"), ("matplotlib", "bench")):
+        require(module, extra, "sparse-ce serve-bench")  # before any work, not after the runs
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per request
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed: still stop the server (finally below)

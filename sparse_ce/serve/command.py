@@ -57,14 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, build the app and serve until SIGTERM / Ctrl-C (or ``--stop-after``)."""
-    try:
-        import uvicorn
+    from ..errors import require
 
-        from .app import create_app
-    except ImportError as error:
-        from ..cli import UsageError
+    for module in ("uvicorn", "starlette", "prometheus_client"):
+        require(module, "serve", "sparse-ce serve")
+    import uvicorn
 
-        raise UsageError(f"the server needs its extra: pip install 'sparse-ce[serve]' ({error})") from None
+    from .app import create_app
     service = build_service(args)
     app_holder: dict = {}
     app = create_app(service, args.stop_after, request_exit=lambda: app_holder["server"].handle_exit(15, None))
