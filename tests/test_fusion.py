@@ -79,7 +79,7 @@ def test_evaluate_reports_the_fused_system_from_its_run(tiny_model_dir, tmp_path
     assert main(argv) == 0
     assert "| `ce+bm25` |" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
-    assert results["setup"]["fuse_first_stage"] == 0.3
+    assert results["setup"]["fuse_first_stage"] == {"ce": 0.3}
     runs = out / "runs"
     fused = read_run(runs / "ce+bm25-dl19-top8.run")
     plain = read_run(runs / "ce-dl19-top8.run")
@@ -92,3 +92,29 @@ def test_evaluate_reports_the_fused_system_from_its_run(tiny_model_dir, tmp_path
         assert dict(hits) == pytest.approx(dict(expected[qid]))
     assert results["collections"]["dl19"]["ce+bm25"]["queries"] == results["collections"]["dl19"]["ce"]["queries"]
     assert main([*argv[:-1], "-2"]) == 2
+
+
+def test_auto_reads_the_weight_stored_with_the_model(tiny_model_dir, tmp_path, capsys):
+    """``--fuse-first-stage auto`` uses the model's ``first_stage_fusion_weight``; none stored: one line, exit 2."""
+    import shutil
+
+    from sparse_ce.rank.fusion import STORED_WEIGHT_FIELD, resolve_weight
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    dl_json = tmp_path / "dl.json"
+    dl_json.write_text(json.dumps([
+        {"query": QUERIES[q],
+         "hits": [{"qid": q, "docid": d, "rank": i + 1, "score": 10.0 - i, "content": t} for i, (d, t) in enumerate(docs)]}
+        for q, docs in DOCS.items()
+    ]))
+    common = ["rerank", "--model", str(model), "--dl-json", str(dl_json), "--no-progress", "--dtype", "float32"]
+    assert main([*common, "--output", str(tmp_path / "none.run"), "--fuse-first-stage", "auto"]) == 2
+    assert f"stores no {STORED_WEIGHT_FIELD}" in capsys.readouterr().err and not (tmp_path / "none.run").exists()
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, STORED_WEIGHT_FIELD: 0.5}))
+    assert resolve_weight("auto", str(model)) == 0.5 and resolve_weight(0.2, str(model)) == 0.2
+    assert main([*common, "--output", str(tmp_path / "auto.run"), "--fuse-first-stage", "auto"]) == 0
+    assert main([*common, "--output", str(tmp_path / "half.run"), "--fuse-first-stage", "0.5"]) == 0
+    assert read_run(tmp_path / "auto.run") == read_run(tmp_path / "half.run")
+    assert "z(model) + 0.5 * z(first stage)" in capsys.readouterr().out

@@ -27,7 +27,7 @@ from ..cli import UsageError
 from ..data import read_run, write_run
 from ..data.collections import COLLECTIONS, Collection, load_collection, measure_label
 from ..provenance import ModelNotFound, forget, matching_result, model_digest, package_version, write_manifest
-from ..rank.fusion import fuse_first_stage
+from ..rank.fusion import fuse_first_stage, weight_argument
 from ..errors import check_output, positive_int
 from ..options import DEFAULT_DATA
 from ..rank.rerank import add_scoring_arguments, check_fusion_argument, check_queries, make_scorer
@@ -57,8 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"offline data folder ({DEFAULT_DATA})")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "sparse-ce", help="BM25 runs")
     add_scoring_arguments(parser)
-    parser.add_argument("--fuse-first-stage", type=float, metavar="WEIGHT",
-                        help="also report NAME+bm25 per system: z(system) + WEIGHT * z(first stage) per query")
+    parser.add_argument("--fuse-first-stage", type=weight_argument, metavar="WEIGHT",
+                        help="also report NAME+bm25 per system: z(system) + WEIGHT * z(first stage) per query "
+                        "('auto': each system's stored weight)")
     parser.add_argument("--rerun", action="store_true", help="re-rank even where a run file exists")
 
 
@@ -70,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
     baseline = args.baseline or next(iter(systems))
     if baseline not in systems and baseline != FIRST_STAGE:
         raise UsageError(f"--baseline: {baseline!r} is not one of the systems {', '.join(systems)}")
-    fusion = getattr(args, "fuse_first_stage", None)
-    check_fusion_argument(fusion)
+    requested = getattr(args, "fuse_first_stage", None)
+    fusions = {name: check_fusion_argument(requested, model) for name, model in systems.items()}  # per system
     rank, _ = process_group()
     depths = _collection_depths(args)
     from ..train.teacher import is_bi_encoder
@@ -100,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
                 continue
             run = read_run(path)
             per_query[collection.name][system] = measure_run(collection, run)
-            if fusion:  # 0 (like rerank's default): the model alone, no fused row
-                fused = fuse_first_stage(run, collection.first_stage, fusion)
+            if fusions[system]:  # 0 (like rerank's default): the model alone, no fused row
+                fused = fuse_first_stage(run, collection.first_stage, fusions[system])
                 fused_name = f"{system}+{FIRST_STAGE}"
                 fused_path = path.with_name(run_name(fused_name, collection.name, depth, args.limit_queries))
                 write_run(fused_path, fused, fused_name)
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     results["setup"] = {"depth": args.depth, "collection_depths": depths, "limit_queries": args.limit_queries,
                         "bound": args.bound,
                         "alpha": args.alpha, "baseline": baseline, "systems": systems,
-                        "fuse_first_stage": fusion}
+                        "fuse_first_stage": fusions}
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     table = markdown(results, args.alpha)

@@ -23,7 +23,7 @@ from ..errors import check_output, positive_int, run_tag
 from ..data import FirstStage, read_dl_json, read_qrels, read_run_first_stage, write_run
 from ..data.collections import measure_label
 from ..runtime import set_threads
-from .fusion import check_weight, fuse_first_stage
+from .fusion import fuse_first_stage, resolve_weight, weight_argument
 from .limits import QueryError, model_limits
 from .scoring import DEFAULT_BATCH_TOKENS, DTYPES, PairScorer
 from .shards import score_first_stage
@@ -113,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="repair mojibake with ftfy (default: on for --dl-json, off otherwise)",
     )
-    parser.add_argument("--fuse-first-stage", type=float, default=0.0, metavar="WEIGHT",
+    parser.add_argument("--fuse-first-stage", type=weight_argument, default=0.0, metavar="WEIGHT",
                         help="rank by z(model) + WEIGHT * z(first-stage score) per query (default 0: the model alone)")
     parser.add_argument("--tag", type=run_tag, default="sparse-ce", help="run tag, one word (default: sparse-ce)")
 
@@ -134,7 +134,7 @@ def make_scorer(model: str, args: argparse.Namespace, progress: bool = True, max
 
 def run(args: argparse.Namespace) -> int:
     """Re-rank, write the run and print truncation, measures, run path, time and throughput."""
-    check_fusion_argument(args.fuse_first_stage)
+    args.fuse_first_stage = check_fusion_argument(args.fuse_first_stage, args.model)
     check_output(args.output, "--output")
     threads = set_threads(args.threads)
     first_stage = _read_first_stage(args)
@@ -197,13 +197,11 @@ def check_queries(model: str, first_stage: FirstStage, args: argparse.Namespace,
         raise UsageError(f"{label or f'--model {model}'}: {str(error).splitlines()[0]}") from error
 
 
-def check_fusion_argument(weight: float | None) -> None:
-    """Refuse a bad ``--fuse-first-stage`` (``None``: not given) as a usage error, before scoring rather than after
-    (the scores would be lost); ``rerank`` and ``evaluate`` both call it."""
-    if weight is None:
-        return
+def check_fusion_argument(weight: float | str | None, model: str) -> float | None:
+    """``--fuse-first-stage`` as a number (``auto``: the weight stored with ``model``; ``None``: not given), or a
+    usage error before scoring rather than after (the scores would be lost); ``rerank`` and ``evaluate`` call it."""
     try:
-        check_weight(weight, "--fuse-first-stage")
+        return resolve_weight(weight, model)
     except ValueError as error:
         raise UsageError(str(error)) from None
 
