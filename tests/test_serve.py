@@ -202,14 +202,42 @@ def test_info_health_metrics_and_api_key(server):
 
 
 @pytest.fixture(scope="module")
-def small_server(tiny_model_dir, tmp_path_factory):
-    """A server with room for 2 waiting requests and one 64-token row per forward (slow on purpose); the SIGTERM
-    test ends it."""
+def bert_dir(tmp_path_factory) -> Path:
+    """A tiny plain BERT cross-encoder (BertForSequenceClassification, one logit): no remote code."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from tiny import TINY_MODEL, make_tokenizer
+
+    folder = tmp_path_factory.mktemp("bert-ce")
+    tokenizer = make_tokenizer(folder)
+    torch.manual_seed(0)
+    config = BertConfig(**TINY_MODEL, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, num_labels=1)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def small_server(bert_dir, tmp_path_factory):
+    """The plain BERT cross-encoder with room for 2 waiting requests and one 64-token row per forward (slow on
+    purpose); the SIGTERM test ends it."""
     log = tmp_path_factory.mktemp("serve-small") / "server.log"
-    process, url = start_server(tiny_model_dir, log, "--queue-size", "2", "--max-batch-requests", "1",
+    process, url = start_server(bert_dir, log, "--queue-size", "2", "--max-batch-requests", "1",
                                 "--batch-tokens", "64")
     yield process, url
     stop(process)
+
+
+def test_a_plain_bert_cross_encoder_is_served_like_rerank_loads_it(small_server, bert_dir):
+    from sentence_transformers import CrossEncoder
+
+    _, url = small_server
+    query = TOPICS["104"]
+    encoder = CrossEncoder(str(bert_dir), device="cpu", model_kwargs={"dtype": torch.float32})
+    expected = logits(encoder, query, TEXTS)
+    response = httpx.post(f"{url}/rerank", json={"query": query, "texts": TEXTS, "raw_scores": True}, timeout=30)
+    assert response.status_code == 200, response.text
+    assert max(abs(r["score"] - expected[r["index"]]) for r in response.json()) <= 1e-4
 
 
 def test_overload_gets_429_with_retry_after_and_the_server_recovers(small_server):
