@@ -360,3 +360,33 @@ def test_timeout_and_a_model_error_get_json_errors_and_the_server_goes_on(tiny_m
         assert failed.status_code == 500 and "out of memory" in failed.json()["error"]
         service.batcher.forward = forward
         assert client.post("/rerank", json=body).status_code == 200
+
+
+def test_a_mixencoders_query_and_candidate_limits_are_checked_as_in_rerank(tmp_path):
+    """The server's rows follow the scorer's PairLimits (issue 23: no silent cut): a MixEncoder's query over its
+    max_query_length is refused (never cut), a candidate over its max_candidate_length is cut and counted, or
+    refused with truncate=false; the same query passes for rerank's own check at the limit."""
+    from transformers import AutoConfig
+
+    from sparse_ce.rank import load_tokenizer
+    from sparse_ce.rank.limits import PairLimits
+    from sparse_ce.serve.encoding import PairEncoder
+    from sparse_ce.serve.schemas import RequestError, RerankRequest
+
+    folder = make_mixencoder_folder(tmp_path / "mix")
+    tokenizer = load_tokenizer(str(folder))
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    encoder = PairEncoder(tokenizer, PairLimits.of(config, tokenizer))
+    fits = " ".join(["flea"] * (config.max_query_length - 2))  # [CLS] q [SEP] exactly at the limit
+    rows, cut, _ = encoder.encode(RerankRequest(query=fits, texts=["the flea life cycle"]))
+    assert len(rows) == 1 and cut == 0
+    with pytest.raises(RequestError) as refused:
+        encoder.encode(RerankRequest(query=fits + " flea", texts=["the flea life cycle"]))
+    assert refused.value.status == 422 and "max_query_length" in refused.value.message
+    long_text = " ".join(["cat"] * config.max_candidate_length)
+    rows, cut, _ = encoder.encode(RerankRequest(query="do fleas", texts=[long_text], truncate=True))
+    query_tokens = len(tokenizer("do fleas", add_special_tokens=False)["input_ids"])
+    assert cut == 1 and len(rows[0].input_ids) - 3 - query_tokens == config.max_candidate_length - 2  # cut to the cap
+    with pytest.raises(RequestError) as too_long:
+        encoder.encode(RerankRequest(query="do fleas", texts=[long_text], truncate=False))
+    assert too_long.value.status == 413

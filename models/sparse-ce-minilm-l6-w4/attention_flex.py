@@ -206,7 +206,7 @@ def _classify_blocks(lo: torch.Tensor, hi: torch.Tensor, block: int) -> tuple[to
     Keys of each row in each kv block, summed over the row's disjoint ranges; q blocks in chunks of at most
     :data:`CLASSIFY_CHUNK` counts, so memory stays bounded for long inputs and small blocks.
     """
-    padded, n = lo.shape[0], lo.shape[0] // block
+    n = lo.shape[0] // block  # lo is padded to a multiple of block
     start = torch.arange(n, device=lo.device, dtype=lo.dtype) * block  # [kv blocks]
     step = max(1, CLASSIFY_CHUNK // (block * n))  # q blocks per chunk
     full, partial = [], []

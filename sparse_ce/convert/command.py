@@ -23,6 +23,7 @@ from modeling_sparse_ce import SparseCrossEncoderForSequenceClassification
 from ..cli import UsageError
 from ..errors import check_output
 from ..sources import HUB_FILES, load_tokenizer, resolve_source  # noqa: F401 (HUB_FILES: kept importable here)
+from .original import describe, describe_source, is_original_checkpoint, original_window
 from .positions import extend_position_embeddings
 
 logger = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ def build_config(
         fields["attention_window_size"] = original_window(source)
         logger.info(
             "src: saved by the original sparse cross-encoder code (model_type 'bert' with attention_window_size and "
-            "the direction flags; BERT weight names, loaded unchanged): its pattern is %s", _describe_source(source)
+            "the direction flags; BERT weight names, loaded unchanged): its pattern is %s", describe_source(source)
         )
         if source.get("attention_window_size") == 0 and window == "default" and pattern is None:
             logger.warning(
@@ -245,8 +246,8 @@ def build_config(
     if has_pattern and options:
         logger.info(
             "pattern: %s gives %s, overriding the source's own (%s)", " ".join(options),
-            _describe(config.attention_window_size, config.pattern_flags, getattr(config, "attention_pattern", None)),
-            _describe_source(source),
+            describe(config.attention_window_size, config.pattern_flags, getattr(config, "attention_pattern", None)),
+            describe_source(source),
         )
 
     architectures = source.get("architectures") or []
@@ -260,47 +261,6 @@ def build_config(
             "Save its encoder (model.bert.save_pretrained) and convert that; the head is then newly initialised."
         )
     return config
-
-
-def is_original_checkpoint(source: dict) -> bool:
-    """Whether a ``config.json`` was saved by the authors' code (webis-de/ecir24-sparse-cross-encoder).
-
-    Its ``SparseCrossEncoderModelForSequenceClassification`` writes ``model_type: "bert"`` plus
-    ``attention_window_size`` and the six direction flags (the names this package uses); its parameters have BERT's
-    names (``bert.embeddings.*``, ``bert.encoder.layer.N.*``, ``bert.pooler.dense``, ``classifier``) and its
-    ``bert.embeddings.position_ids`` buffer is saved too (dropped on load), so the weights load unchanged.
-    """
-    return source.get("model_type") == "bert" and any(key in source for key in ("attention_window_size", *DIRECTION_FLAGS))
-
-
-def original_window(source: dict) -> int | None:
-    """The document window the original code applies for a source's ``attention_window_size``.
-
-    The original tests ``if not any(attention_window_sizes)``, so ``0`` counts as no window there (the document attends
-    to the whole document, as ``None``); in sparse-ce ``0`` means a token sees only itself.
-    """
-    window = source.get("attention_window_size")
-    return None if window == 0 else window
-
-
-def _describe(window, flags: dict, attention_pattern=None) -> str:
-    """``window=4, off: query_cls_attention, query_doc_attention`` (for log lines)."""
-    text = f"window={'none' if window is None else window}"
-    if attention_pattern is not None:
-        return f"{text}, an explicit per-layer pattern"
-    off = [flag for flag, on in flags.items() if on is False]
-    return f"{text}, {'off: ' + ', '.join(off) if off else 'all directions on'}"
-
-
-def _describe_source(source: dict) -> str:
-    """The pattern a source config was trained with, as :func:`_describe` words it."""
-    original = is_original_checkpoint(source)
-    window = original_window(source) if original else source.get("attention_window_size")
-    flags = {flag: source.get(flag) is not False for flag in DIRECTION_FLAGS}  # absent or null: on
-    text = _describe(window, flags, source.get("attention_pattern"))
-    if original and source.get("attention_window_size") == 0:
-        text += "; its attention_window_size=0 means no window in the original code"
-    return text
 
 
 def load_weights(

@@ -62,6 +62,11 @@ class PairLimits:
         """
         name = query if name is None else name
         query_len = len(tokenizer(query, add_special_tokens=False, verbose=False)["input_ids"])
+        return query_len, self.room(query_len, name)
+
+    def room(self, query_len: int, name: str) -> int:
+        """Document tokens a row with a query of ``query_len`` tokens may hold; raises :class:`QueryError` as
+        :meth:`document_room` says (the one check, for callers that tokenise themselves, e.g. the server)."""
         if query_len == 0:
             raise QueryError(f"query {name!r}: empty query")
         if self.max_query_length is not None and query_len + 2 > self.max_query_length:
@@ -77,7 +82,7 @@ class PairLimits:
                 f"query {name!r}: {query_len} tokens leave {window} of max_length {self.max_length} for the "
                 f"document (at least {MIN_DOCUMENT_TOKENS} needed); shorten the query or raise max_length"
             )
-        return query_len, window
+        return window
 
     def check_queries(self, tokenizer: PreTrainedTokenizerBase, queries: Sequence[str],
                       query_ids: Sequence[str] | None = None) -> None:

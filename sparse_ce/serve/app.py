@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import logging
 import time
@@ -66,7 +67,7 @@ class RerankService:
     def __init__(self, scorer: PairScorer, limits: Limits, api_key: str | None = None, store_ranker=None,
                  on_worker_start=None) -> None:
         self.scorer, self.limits, self.api_key, self.store_ranker = scorer, limits, api_key, store_ranker
-        self.encoder = PairEncoder(scorer.tokenizer, limits.max_input_length)
+        self.encoder = PairEncoder(scorer.tokenizer, dataclasses.replace(scorer.limits, max_length=limits.max_input_length))
         self.metrics = ServeMetrics()
         self.draining = False
         self.batcher = Batcher(self._forward, limits.max_batch_tokens, limits.max_batch_requests, limits.queue_size,

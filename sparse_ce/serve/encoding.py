@@ -12,7 +12,8 @@ from __future__ import annotations
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
-from ..rank.scoring import MIN_DOCUMENT_TOKENS, Row
+from ..rank.limits import PairLimits, QueryError
+from ..rank.scoring import Row
 from .schemas import RequestError, RerankRequest
 
 
@@ -21,16 +22,18 @@ class PairEncoder:
 
     Args:
         tokenizer: A fast tokenizer (its backend is copied).
-        max_length: Tokens per row (``--max-input-length``; the scorer's ``max_length``).
+        limits: The scorer's :class:`PairLimits` with ``max_length`` = ``--max-input-length``: the query and document
+            room are checked there, as in ``rerank`` (a MixEncoder's query and candidate limits included).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, limits: PairLimits) -> None:
         self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self.backend.no_truncation()
         self.backend.no_padding()
         if self.backend.post_processor is None:
             raise ValueError("the tokenizer has no pair template (post-processor); a cross-encoder needs one")
-        self.max_length = max_length
+        self.limits = limits
+        self.max_length = limits.max_length
         self.specials = self.backend.num_special_tokens_to_add(True)
 
     def encode(self, request: RerankRequest) -> tuple[list[Row], int, int]:
@@ -42,13 +45,12 @@ class PairEncoder:
                 pair longer than ``max_length`` when ``truncate`` is false.
         """
         query = self.backend.encode(request.query, add_special_tokens=False)
-        room = self.max_length - self.specials - len(query.ids)
         if not query.ids:
             raise RequestError(400, "query: no tokens", "Empty")
-        if room < MIN_DOCUMENT_TOKENS:
-            raise RequestError(422, f"query: {len(query.ids)} tokens leave {room} of the maximum input length "
-                                    f"{self.max_length} for a document (at least {MIN_DOCUMENT_TOKENS} needed); the "
-                                    f"query is never cut")
+        try:
+            room = self.limits.room(len(query.ids), "query")
+        except QueryError as error:  # too long for the model (or a MixEncoder's query limit): never cut
+            raise RequestError(422, str(error).replace("query 'query': ", "query: ")) from None
         positions = [i for i, text in enumerate(request.texts) if text is not None]
         documents = self.backend.encode_batch([request.texts[i] for i in positions], add_special_tokens=False)
         rows, cut, tokens = [], 0, 0
