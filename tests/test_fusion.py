@@ -48,13 +48,18 @@ def test_fusion_refuses_unknown_documents_and_bad_weights():
             fuse_first_stage({"1": [("d1", 1.0)]}, stage, weight)
 
 
-def test_rerank_fuse_first_stage_moves_the_ranking_toward_bm25(tiny_model_dir, tmp_path, capsys):
-    dl_json = tmp_path / "dl.json"
-    dl_json.write_text(json.dumps([
+def write_dl_json(path):
+    """QUERIES and DOCS as a TREC DL JSON first stage (BM25 scores descending in DOCS' order)."""
+    path.write_text(json.dumps([
         {"query": QUERIES[q],
          "hits": [{"qid": q, "docid": d, "rank": i + 1, "score": 10.0 - i, "content": t} for i, (d, t) in enumerate(docs)]}
         for q, docs in DOCS.items()
     ]))
+    return path
+
+
+def test_rerank_fuse_first_stage_moves_the_ranking_toward_bm25(tiny_model_dir, tmp_path, capsys):
+    dl_json = write_dl_json(tmp_path / "dl.json")
     common = ["rerank", "--model", str(tiny_model_dir), "--dl-json", str(dl_json), "--no-progress", "--dtype", "float32"]
     assert main([*common, "--output", str(tmp_path / "plain.run")]) == 0
     assert main([*common, "--output", str(tmp_path / "fused.run"), "--fuse-first-stage", "0.5"]) == 0
@@ -102,12 +107,7 @@ def test_auto_reads_the_weight_stored_with_the_model(tiny_model_dir, tmp_path, c
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
-    dl_json = tmp_path / "dl.json"
-    dl_json.write_text(json.dumps([
-        {"query": QUERIES[q],
-         "hits": [{"qid": q, "docid": d, "rank": i + 1, "score": 10.0 - i, "content": t} for i, (d, t) in enumerate(docs)]}
-        for q, docs in DOCS.items()
-    ]))
+    dl_json = write_dl_json(tmp_path / "dl.json")
     common = ["rerank", "--model", str(model), "--dl-json", str(dl_json), "--no-progress", "--dtype", "float32"]
     assert main([*common, "--output", str(tmp_path / "none.run"), "--fuse-first-stage", "auto"]) == 2
     assert f"stores no {STORED_WEIGHT_FIELD}" in capsys.readouterr().err and not (tmp_path / "none.run").exists()
