@@ -127,32 +127,43 @@ def ablate_pattern(
 
 
 def check_attention_pattern(pattern: Any, num_layers: int) -> dict[str, Any]:
-    """The validated ``attention_pattern`` with 0/1 ints; a ValueError names the layer and cell of the first problem."""
-    if not isinstance(pattern, dict) or set(pattern) != {"segments", "layers"}:
+    """The validated ``attention_pattern`` with 0/1 ints; a ValueError names the layer and cell of the first problem.
+
+    An optional ``zeroed`` (one 5x5 0/1 matrix per layer, an ablation's "zero" mode): ``Zi[a][b] = 1`` multiplies the
+    attention weights of segment ``a`` on segment ``b`` by 0 *after* the softmax over ``layers`` (no renormalisation,
+    the paper's ablation); only the dense backend runs such a pattern.
+    """
+    if not isinstance(pattern, dict) or not {"segments", "layers"} <= set(pattern) <= {"segments", "layers", "zeroed"}:
         raise ValueError(f"attention_pattern: expected {{'segments': [...], 'layers': [...]}}, got {pattern!r}")
     if list(pattern["segments"]) != list(SEGMENT_NAMES):
         raise ValueError(f"attention_pattern: segments must be {list(SEGMENT_NAMES)}, got {pattern['segments']!r}")
-    layers = pattern["layers"]
+    checked = {"segments": list(SEGMENT_NAMES), "layers": _check_matrices(pattern["layers"], num_layers, "layer")}
+    if pattern.get("zeroed") is not None:
+        checked["zeroed"] = _check_matrices(pattern["zeroed"], num_layers, "zeroed layer")
+    return checked
+
+
+def _check_matrices(layers: Any, num_layers: int, what: str) -> Matrix:
     if not isinstance(layers, (list, tuple)) or len(layers) != num_layers:
         found = len(layers) if isinstance(layers, (list, tuple)) else repr(layers)
         raise ValueError(f"attention_pattern: expected one 5x5 matrix per layer ({num_layers} layers), got {found}")
     checked = []
     for i, matrix in enumerate(layers):
         if not isinstance(matrix, (list, tuple)) or len(matrix) != len(SEGMENT_NAMES):
-            raise ValueError(f"attention_pattern: layer {i} is not a list of {len(SEGMENT_NAMES)} rows")
+            raise ValueError(f"attention_pattern: {what} {i} is not a list of {len(SEGMENT_NAMES)} rows")
         rows = []
         for a, row in enumerate(matrix):
             if not isinstance(row, (list, tuple)) or len(row) != len(SEGMENT_NAMES):
-                raise ValueError(f"attention_pattern: layer {i}, row {a} ({SEGMENT_NAMES[a]}) is not a list of 5 cells")
+                raise ValueError(f"attention_pattern: {what} {i}, row {a} ({SEGMENT_NAMES[a]}) is not a list of 5 cells")
             for b, cell in enumerate(row):
                 if cell not in (0, 1) or not isinstance(cell, (int, bool)):
                     raise ValueError(
-                        f"attention_pattern: layer {i}, cell [{a}][{b}] ({SEGMENT_NAMES[a]} attends to "
+                        f"attention_pattern: {what} {i}, cell [{a}][{b}] ({SEGMENT_NAMES[a]} attends to "
                         f"{SEGMENT_NAMES[b]}) must be 0 or 1, got {cell!r}"
                     )
             rows.append([int(cell) for cell in row])
         checked.append(rows)
-    return {"segments": list(SEGMENT_NAMES), "layers": checked}
+    return checked
 
 
 class SparseCrossEncoderConfig(BertConfig):
@@ -316,6 +327,11 @@ class SparseCrossEncoderConfig(BertConfig):
             raise ValueError(f"score_head: {self.score_head!r} gives one logit, but num_labels is {self.num_labels}")
         if isinstance(self.cosine_scale, bool) or not isinstance(self.cosine_scale, (int, float)) or self.cosine_scale <= 0:
             raise ValueError(f"cosine_scale: expected a number > 0, got {self.cosine_scale!r}")
+
+    def layer_zeroed(self) -> list[Matrix | None]:
+        """Per layer, the ``zeroed`` matrix of an explicit pattern (an ablation's "zero" mode), else ``None``."""
+        zeroed = (self.attention_pattern or {}).get("zeroed")
+        return [None] * self.num_hidden_layers if zeroed is None else [[row[:] for row in m] for m in zeroed]
 
     def layer_matrices(self) -> list[Matrix]:
         """The 5x5 pattern matrix of every layer: the explicit ``attention_pattern`` or the six flags' matrix."""

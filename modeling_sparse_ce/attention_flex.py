@@ -76,6 +76,8 @@ def _flex(query, key, value, layout, pattern, scaling, dropout, output_attention
                          "attention_probs_dropout_prob=0 or attention_backend='windowed' / 'dense'")
     if not flex_available():
         raise RuntimeError(f"attention_backend={name!r}: FlexAttention needs torch >= 2.5, this is {torch.__version__}")
+    if pattern.has_zeroed:
+        raise ValueError(f"{name} backend: the pattern zeroes weights after the softmax; only 'dense' does that")
     if layout.shares_queries and not pattern.query_is_independent:
         raise ValueError(f"{name} backend: rows share a query although the query attends to [CLS] or the document")
     block_mask = layout.cached(("flex-mask", pattern), lambda: flex_block_mask(layout, pattern, query.device))

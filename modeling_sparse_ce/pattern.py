@@ -39,15 +39,20 @@ class AttentionPattern:
     Attributes:
         allowed: ``allowed[a][b]``: tokens of segment ``a`` attend to tokens of segment ``b`` (order :data:`SEGMENTS`).
         window: One-sided window over {document, [SEP]2} positions, ``None`` = unlimited.
+        zeroed: ``zeroed[a][b]``: the weights of ``a`` on ``b`` are set to 0 after the softmax over ``allowed`` (no
+            renormalisation: an ablation's "zero" mode); ``None``: nothing zeroed. Only the dense backend runs it.
     """
 
     allowed: tuple[tuple[bool, ...], ...]
     window: int | None
+    zeroed: tuple[tuple[bool, ...], ...] | None = None
 
     @classmethod
-    def from_matrix(cls, matrix, window: int | None) -> "AttentionPattern":
-        """From a 5x5 0/1 matrix (rows attend, columns are attended) and the window."""
-        return cls(tuple(tuple(bool(cell) for cell in row) for row in matrix), window)
+    def from_matrix(cls, matrix, window: int | None, zeroed=None) -> "AttentionPattern":
+        """From a 5x5 0/1 matrix (rows attend, columns are attended), the window and an optional zeroed matrix."""
+        cells = lambda m: tuple(tuple(bool(cell) for cell in row) for row in m)  # noqa: E731
+        zeroed = cells(zeroed) if zeroed is not None and any(any(row) for row in zeroed) else None
+        return cls(cells(matrix), window, zeroed)
 
     @classmethod
     def from_flags(cls, flags: dict[str, bool], window: int | None) -> "AttentionPattern":
@@ -57,7 +62,8 @@ class AttentionPattern:
     @classmethod
     def for_layers(cls, config) -> list["AttentionPattern"]:
         """Every layer's pattern of a :class:`SparseCrossEncoderConfig` (explicit ``attention_pattern`` or flags)."""
-        return [cls.from_matrix(matrix, config.attention_window_size) for matrix in config.layer_matrices()]
+        zeroed = config.layer_zeroed() if hasattr(config, "layer_zeroed") else [None] * config.num_hidden_layers
+        return [cls.from_matrix(matrix, config.attention_window_size, z) for matrix, z in zip(config.layer_matrices(), zeroed)]
 
     def allows(self, src: Segment, dst: Segment) -> bool:
         """Whether ``src`` tokens attend to ``dst`` tokens."""
@@ -67,9 +73,16 @@ class AttentionPattern:
     def matrix(self) -> list[list[int]]:
         return [[int(cell) for cell in row] for row in self.allowed]
 
+    @property
+    def has_zeroed(self) -> bool:
+        """Whether some weights are zeroed after the softmax (only the dense backend does that)."""
+        return self.zeroed is not None
+
     @cached_property
     def six_flags(self) -> dict[str, bool] | None:
         """The six flags when this pattern is in the flag family, else ``None`` (computed once per pattern)."""
+        if self.has_zeroed:
+            return None
         flags = {}
         for flag in DIRECTION_FLAGS:
             src, dst = flag_direction(flag)
@@ -99,7 +112,7 @@ class AttentionPattern:
     @property
     def is_full(self) -> bool:
         """Every direction on and no window: plain BERT attention."""
-        return all(all(row) for row in self.allowed) and self.window is None
+        return all(all(row) for row in self.allowed) and self.window is None and not self.has_zeroed
 
     @property
     def has_long_rows(self) -> bool:
@@ -110,6 +123,14 @@ class AttentionPattern:
             or self.window is None
             or self.window >= LONG_ROW_WINDOW
         )
+
+    def zeroed_mask(self, segment_ids: torch.Tensor) -> torch.Tensor:
+        """``[batch, seq, seq]``: True where a weight is zeroed after the softmax (:attr:`zeroed`; padding never)."""
+        zeroed = torch.tensor(self.zeroed or [[False] * len(SEGMENTS)] * len(SEGMENTS), dtype=torch.bool,
+                              device=segment_ids.device)
+        valid = segment_ids >= 0
+        seg = segment_ids.clamp(min=0)
+        return zeroed[seg[:, :, None], seg[:, None, :]] & valid[:, :, None] & valid[:, None, :]
 
     def dense_mask(self, segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Boolean mask ``[batch, seq, seq]`` (True = attend) for padded rows of segment ids, and the empty rows.

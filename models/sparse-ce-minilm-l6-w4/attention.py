@@ -53,8 +53,11 @@ def resolve_backend(
     ``kernel_src/cuda/NOTES.md``); else windowed. On CPU ``auto`` never picks ``flex`` (no backward there; the CPU
     kernel is faster, docs/benchmarks.md). An explicit backend that cannot honour the pattern raises.
     """
+    if pattern.has_zeroed and name not in ("auto", "dense"):
+        raise ValueError(f"attention_backend={name!r}: " + (f"layer {layer}: " if layer is not None else "") +
+                         "the pattern zeroes weights after the softmax (ablation mode 'zero'); only 'dense' does that")
     if name == "auto":
-        if output_attentions or pattern.is_full:
+        if output_attentions or pattern.is_full or pattern.has_zeroed:
             return "dense"
         if device_type == "cuda" and flex_ready and not dropout:
             return "flex"

@@ -2,7 +2,8 @@
 
 Schlatt et al., ECIR 2024, Eqs. 1-3 written as one masked softmax over the whole ``[CLS] q [SEP] d [SEP]`` row.
 Quadratic in length; the reference every other backend is tested against, the only one that returns weights and the
-only one that honours every five-segment pattern. A row that may see no key gets a zero output (and zero weights).
+only one that honours every five-segment pattern and the only one that zeroes weights after the softmax (an ablation's
+"zero" mode, :attr:`AttentionPattern.zeroed`). A row that may see no key gets a zero output (and zero weights).
 """
 
 from __future__ import annotations
@@ -50,11 +51,16 @@ def dense_attention(
     # mask: [batch, 1, seq, seq] (rows without keys see themselves), empty: [batch, 1, seq, 1]; once per forward
     mask, empty = layout.cached(("dense-mask", pattern), lambda: _mask_of(pattern, layout))
     weights = None
-    if output_attentions:
+    if pattern.has_zeroed or output_attentions:  # materialised weights (zeroed ones: the paper's ablation)
+        dropped = empty
+        if pattern.has_zeroed:  # softmax over the pattern, then these weights set to 0, no renormalising
+            dropped = empty | layout.cached(("dense-zeroed", pattern), lambda: pattern.zeroed_mask(layout.segment_ids)[:, None])
         scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        weights = torch.softmax(scores.float(), dim=-1).to(q.dtype).masked_fill(empty, 0)
-        out = torch.matmul(F.dropout(weights, p=dropout, training=dropout > 0), v)
+        softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # half precision in float32, float64 stays
+        probabilities = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype).masked_fill(dropped, 0)
+        out = torch.matmul(F.dropout(probabilities, p=dropout, training=dropout > 0), v)
+        weights = probabilities if output_attentions else None
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
         out = out.masked_fill(empty, 0)

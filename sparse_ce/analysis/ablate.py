@@ -39,20 +39,32 @@ def set_pattern(model, pattern: dict | None) -> None:
     require_sparse_ce(model)
     config = model.config
     config.attention_pattern = None if pattern is None else check_attention_pattern(pattern, config.num_hidden_layers)
-    if pattern is not None and _matrices(model) != config.attention_pattern["layers"]:
+    wanted = None if pattern is None else (config.attention_pattern["layers"],
+                                             _nonzero(config.attention_pattern.get("zeroed")))
+    if pattern is not None and _matrices(model) != wanted:
         raise ValueError(
-            f"model: its remote code ({type(model).__module__}) predates per-layer attention patterns and would ignore "
-            "the ablation; save it again with the installed sparse-ce (`sparse-ce convert MODEL NEW_FOLDER`)"
+            f"model: its remote code ({type(model).__module__}) predates per-layer attention patterns (or zeroing "
+            "weights after the softmax) and would ignore the ablation; save it again with the installed sparse-ce "
+            "(`sparse-ce convert MODEL NEW_FOLDER`)"
         )
 
 
-def _matrices(model) -> list | None:
-    """The per-layer matrices the model's own code will use, or ``None`` when its code knows no explicit patterns."""
+def _matrices(model) -> tuple | None:
+    """The per-layer matrices and zeroed matrices (``None`` when nothing is zeroed) the model's own code will use, or
+    ``None`` when its code knows no explicit patterns."""
     encoder = getattr(model, "bert", model)
     try:
-        return [pattern.matrix for pattern in encoder.layer_patterns()]
-    except AttributeError:
+        patterns = encoder.layer_patterns()
+        matrices = [p.matrix for p in patterns]
+    except AttributeError:  # remote code from before explicit patterns
         return None
+    zeroed = [getattr(p, "zeroed", None) for p in patterns]  # code from before zeroing has no such field
+    return matrices, _nonzero([[[int(c) for c in row] for row in z] if z else [[0] * 5 for _ in range(5)] for z in zeroed])
+
+
+def _nonzero(zeroed: list | None) -> list | None:
+    """``zeroed`` matrices, or ``None`` when no cell is set."""
+    return zeroed if zeroed and any(cell for matrix in zeroed for row in matrix for cell in row) else None
 
 
 def collection_scorer(scorer: PairScorer, collections: list[Collection]):
@@ -96,13 +108,18 @@ def paired_p(values: list[float], base: list[float]) -> float:
 
 
 def run_ablation(
-    scorer: PairScorer, collections: list[Collection], output_dir: Path, ablations: list[Ablation] | None = None
+    scorer: PairScorer, collections: list[Collection], output_dir: Path, ablations: list[Ablation] | None = None,
+    mode: str = "renormalise",
 ) -> list[dict]:
     """Score the unablated model and every ablation; write ``ablation.json``, ``ablation.md`` and ``ablation.png``.
 
+    Args:
+        mode: ``renormalise`` (the removed keys leave the softmax) or ``zero`` (the paper's post-softmax zeroing);
+            see :meth:`Ablation.apply`.
+
     Returns:
-        The records of ``ablation.json``: ``from``, ``to`` (``group`` too for a group), ``layers``, ``ndcg@10``,
-        ``delta``, ``p``, ``p_holm``, per-collection means and ``unchanged``.
+        The records of ``ablation.json``: ``from``, ``to`` (``group`` too for a group), ``layers``, ``mode``,
+        ``ndcg@10``, ``delta``, ``p``, ``p_holm``, per-collection means and ``unchanged``.
     """
     model = scorer.model
     require_sparse_ce(model)
@@ -115,8 +132,8 @@ def run_ablation(
     records, ablations = [], ablations or all_ablations()
     try:
         for ablation in tqdm(ablations, desc="ablations", unit="variant"):
-            pattern = ablation.apply(base_layers)
-            unchanged = pattern["layers"] == base_layers
+            pattern = ablation.apply(base_layers, mode)
+            unchanged = pattern["layers"] == base_layers and _nonzero(pattern.get("zeroed")) is None
             if unchanged:
                 result = base
             else:
@@ -125,6 +142,7 @@ def run_ablation(
             values = _pooled(result)
             records.append({
                 **ablation.record(),
+                "mode": mode,
                 "ndcg@10": _mean(values),
                 "delta": _mean(values) - _mean(base_values),
                 "p": paired_p(values, base_values),
@@ -141,7 +159,7 @@ def run_ablation(
         "per_collection": {name: _mean(list(per.values())) for name, per in base.items()},
         "depth": max(len(c) for col in collections for c in col.first_stage.candidates.values()),
         "collections": [c.name for c in collections], "seconds": seconds,
-        "num_layers": len(base_layers),
+        "num_layers": len(base_layers), "mode": mode,
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "ablation.json").write_text(json.dumps(records, indent=1) + "\n")

@@ -18,6 +18,7 @@ from ..eval.evaluate import truncate
 from ..options import DEFAULT_DATA, add_model, add_renamed, model_of
 from ..rank.rerank import add_scoring_arguments, check_queries, make_scorer
 from ..runtime import set_threads
+from .directions import ABLATION_MODES
 
 DEFAULT_DEPTH = 20  # not options.DEFAULT_DEPTH (100): ablation scores each collection once per variant
 """Candidates re-ranked per query by ``ablate``: 88 variants of DL19's 43 queries at depth 20 fit in ~30 minutes on
@@ -40,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         command.add_argument("--limit-queries", type=positive_int, metavar="N", help="the first N queries of each collection")
     ablate.add_argument("--depth", type=positive_int, default=DEFAULT_DEPTH, metavar="N",
                         help=f"candidates re-ranked per query (default {DEFAULT_DEPTH})")
+    ablate.add_argument("--mode", choices=ABLATION_MODES, default="renormalise",
+                        help="renormalise: the removed keys leave the softmax (default); zero: their weights are set "
+                        "to 0 after it, as the paper does (dense backend)")
     add_scoring_arguments(ablate)
     heads.add_argument("--per-class", type=int, default=4, metavar="N",
                        help="passages per class (relevant, hard and easy negatives) and query (default 4)")
@@ -98,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
             check_queries(args.model, collection.first_stage, args)
         scorer = make_scorer(args.model, args, progress=False)
         try:
-            run_ablation(scorer, collections, args.output_dir)
+            run_ablation(scorer, collections, args.output_dir, mode=args.mode)
         except ValueError as error:
             raise UsageError(str(error)) from error
         print((args.output_dir / "ablation.md").read_text())

@@ -43,6 +43,10 @@ def layers_of(name: str, num_layers: int) -> list[int]:
     return {"all": list(range(num_layers)), "lower": list(range(half)), "upper": list(range(half, num_layers))}[name]
 
 
+ABLATION_MODES = ("renormalise", "zero")
+"""How a direction is removed: out of the softmax (the row renormalises), or its weights zeroed after it (the paper)."""
+
+
 @dataclass(frozen=True)
 class Ablation:
     """Directions switched off in a layer range.
@@ -59,12 +63,23 @@ class Ablation:
     layers: str
     group: str | None = None
 
-    def apply(self, matrices: list[list[list[int]]]) -> dict:
-        """The ``attention_pattern`` of ``matrices`` (one 5x5 per layer) with :attr:`pairs` off in :attr:`layers`."""
+    def apply(self, matrices: list[list[list[int]]], mode: str = "renormalise") -> dict:
+        """The ``attention_pattern`` of ``matrices`` (one 5x5 per layer) with :attr:`pairs` removed in :attr:`layers`.
+
+        ``renormalise``: the cells are switched off, so the attended keys leave the softmax and the row renormalises
+        over the rest. ``zero`` (the paper's ablation): the softmax stays over ``matrices`` and the removed cells'
+        weights are set to 0 afterwards (``zeroed``; a [CLS]/[SEP] sink's mass is then lost, not moved).
+        """
+        if mode not in ABLATION_MODES:
+            raise ValueError(f"mode: expected one of {ABLATION_MODES}, got {mode!r}")
         pattern = {"segments": list(SEGMENT_NAMES), "layers": matrices}
         for a, b in self.pairs:  # pairs, not a product of sources and targets: one ablate_pattern call each
             pattern = ablate_pattern(pattern, a, b, layers_of(self.layers, len(matrices)))
-        return pattern
+        if mode == "renormalise":
+            return pattern
+        zeroed = [[[int(base and not kept) for base, kept in zip(b_row, k_row)] for b_row, k_row in zip(b, k)]
+                  for b, k in zip(matrices, pattern["layers"])]
+        return {"segments": list(SEGMENT_NAMES), "layers": matrices, "zeroed": zeroed}
 
     def record(self) -> dict:
         """``from`` / ``to`` (names, or parallel lists for a group), ``layers`` and ``group`` of a result record."""
