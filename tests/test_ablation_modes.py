@@ -123,3 +123,41 @@ def test_config_keeps_zeroed_and_ablation_builds_it():
                                  "zeroed": [zero["zeroed"][0], [[2] * 5] * 5]}, 2)
     with pytest.raises(ValueError, match="mode"):
         ablation.apply(base, "softmax")
+
+
+def test_analyze_ablate_zero_mode_end_to_end(tmp_path):
+    """Through the command: records and summary carry the mode; zeroing a [SEP] sink scores differently from
+    taking it out of the softmax, and a direction the model lacks is unchanged in both modes."""
+    import json
+
+    from tiny import make_data_folder, make_model_folder
+
+    from sparse_ce.cli import main
+
+    model = make_model_folder(tmp_path / "model", preset="sparse", window=2, seed=3, initializer_range=0.2)
+    data = make_data_folder(tmp_path / "data")
+    records = {}
+    for mode in ("renormalise", "zero"):
+        out = tmp_path / mode
+        assert main(["analyze", "ablate", "--model", str(model), "--collections", "dl19", "--data", str(data),
+                     "--depth", "4", "--output-dir", str(out), "--threads", "1", "--mode", mode]) == 0
+        records[mode] = {(r.get("group") or (r["from"], r["to"]), r["layers"]): r
+                         for r in json.loads((out / "ablation.json").read_text())}
+        assert json.loads((out / "ablation-summary.json").read_text())["mode"] == mode
+        assert all(r["mode"] == mode for r in records[mode].values())
+        assert records[mode][(("query", "doc"), "all")]["unchanged"]  # off in the paper's pattern
+    sink = (("doc", "sep2"), "all")
+    assert not records["zero"][sink]["unchanged"] and not records["renormalise"][sink]["unchanged"]
+    # the two modes give the model different scores (the nDCG of 8 tiny queries at depth 4 may not move)
+    from sparse_ce.analysis.ablate import set_pattern
+    from sparse_ce.rank.scoring import PairScorer
+
+    scorer = PairScorer(str(model), progress=False)
+    pairs = (["how long is the flea life cycle", "do goldfish grow"], ["a flea can live up to a year", "goldfish grow"])
+    base = scorer.model.config.layer_matrices()
+    scores = {}
+    for mode in ("renormalise", "zero"):
+        set_pattern(scorer.model, Ablation("document -> [SEP]2", (("doc", "sep2"),), "all").apply(base, mode))
+        scores[mode] = scorer.score(*pairs)[0]
+    set_pattern(scorer.model, None)
+    assert max(abs(a - b) for a, b in zip(scores["zero"], scores["renormalise"])) > 1e-4
