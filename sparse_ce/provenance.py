@@ -27,6 +27,13 @@ class ModelNotFound(ValueError):
     """A model that is neither a local model folder nor a Hub id that resolves here."""
 
 
+def looks_local(model: str | Path) -> bool:
+    """Whether ``model`` names a local folder rather than a Hub id (``org/name``): it exists, starts like a path
+    (``.``, ``/``, ``~``) or has no single slash."""
+    text = str(model)
+    return Path(text).expanduser().exists() or text.startswith((".", "/", "~")) or text.count("/") != 1
+
+
 def resolve_model(model: str | Path) -> Path | str:
     """The local folder of ``model``, or for a Hub id its cached snapshot folder (or the id itself when only the Hub
     knows it: online, not cached).
@@ -37,8 +44,7 @@ def resolve_model(model: str | Path) -> Path | str:
     """
     text = str(model)
     path = Path(text).expanduser()
-    looks_local = path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1
-    if looks_local:
+    if looks_local(text):
         if not path.is_dir():
             raise ModelNotFound(f"{text}: no such folder")
         if not ((path / "config.json").is_file() or (path / "modules.json").is_file()):

@@ -61,6 +61,11 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """``--device``: the named torch device, by default ``cuda`` when available, else ``cpu``."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def resolve_dtype(name: str | None, device: torch.device) -> str | None:
     """``auto``: ``bfloat16`` where ``device`` computes it natively, else ``float32``; other names unchanged."""
     if name != "auto":

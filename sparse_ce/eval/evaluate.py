@@ -32,7 +32,7 @@ from ..errors import check_output, positive_int
 from ..options import DEFAULT_DATA
 from ..rank.rerank import add_scoring_arguments, check_fusion_argument, check_queries, make_scorer
 from ..rank.shards import process_group, score_first_stage
-from ..runtime import resolve_dtype, set_threads
+from ..runtime import resolve_device, resolve_dtype, set_threads
 from .equivalence import equivalence_summary, tost
 
 logger = logging.getLogger(__name__)
@@ -149,10 +149,8 @@ def run_manifest(model: str, digest: str, collection: Collection, depth: int, li
     own settings, so the cross-encoder options do not apply to it."""
     from ..train.teacher import is_bi_encoder
 
-    import torch
-
     cross = not is_bi_encoder(model)
-    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(options.device)
     return {
         "model": str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model,
         "weights_sha256": digest,

@@ -14,14 +14,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import ftfy
-import torch
 from transformers import AutoModelForSequenceClassification
 
 from ..cli import UsageError
 from ..data import iter_corpus, open_text, read_dl_json
 from ..rank.scoring import load_tokenizer
 from ..rank.shards import process_group
-from ..runtime import set_threads
+from ..runtime import resolve_device, set_threads
 from ..errors import check_output, positive_int
 from ..options import add_model, add_renamed, model_of
 from .ranker import MIXENCODER_TYPE
@@ -101,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     model_of(args, "sparse-ce index")
     threads = set_threads(args.threads)
     documents, description = corpus_documents(args.corpus, args.fix_text)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(args.model, trust_remote_code=True)
         tokenizer = load_tokenizer(args.model)

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import ir_measures
-import torch
 from configuration_sparse_ce import ATTENTION_BACKENDS
 
 from ..cli import UsageError
 from ..errors import check_output, positive_int, run_tag
+from ..provenance import looks_local
 from ..data import FirstStage, read_dl_json, read_qrels, read_run_first_stage, write_run
 from ..data.collections import measure_label
-from ..runtime import set_threads
+from ..runtime import resolve_device, set_threads
 from .fusion import fuse_first_stage, resolve_weight, weight_argument
 from .limits import QueryError, model_limits
 from .scoring import DEFAULT_BATCH_TOKENS, DTYPES, PairScorer
@@ -122,7 +122,7 @@ def make_scorer(model: str, args: argparse.Namespace, progress: bool = True, max
     """The :class:`PairScorer` of ``--model`` and the scoring options; a bad model is a one-line :class:`UsageError`."""
     check_model_folder(model)
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(args.device)
         return PairScorer(
             model, device=device, dtype=args.dtype, batch_tokens=args.batch_tokens,
             max_length=args.max_length,
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     first_stage = _read_first_stage(args)
     if not first_stage.candidates:
         raise UsageError("the first stage has no query with candidates: nothing to re-rank")
-    store = _open_index(args) if args.index else None
+    store = open_index(args) if args.index else None
     check_queries(args.model, first_stage, args)  # before the weights load
     scorer = make_scorer(args.model, args, progress=not args.no_progress, maxp=args.maxp)
     if store is not None:
@@ -176,8 +176,7 @@ def check_model_folder(model: str, label: str | None = None) -> None:
     """Refuse a local path that is not a model folder in one line, naming ``label`` (default ``--model MODEL``;
     a Hub id is left to the loader)."""
     path = Path(model).expanduser()
-    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
-    if looks_local and not (path / "config.json").is_file():
+    if looks_local(model) and not (path / "config.json").is_file():
         problem = "no such folder" if not path.exists() else "not a model folder (no config.json)"
         raise UsageError(f"{label or f'--model {model}'}: {problem}")
 
@@ -220,11 +219,12 @@ def _read_first_stage(args: argparse.Namespace) -> FirstStage:
                      "optional)")
 
 
-def _open_index(args: argparse.Namespace) -> CandidateStore:
-    """The candidate store of ``--index``; ``--dtype auto`` becomes the dtype of the weights that wrote it."""
+def open_index(args: argparse.Namespace) -> CandidateStore:
+    """The candidate store of ``--index``; ``--dtype auto`` becomes the dtype of the weights that wrote it (``rerank``
+    and ``serve``)."""
     from ..precompute.store import CandidateStore
 
-    if args.maxp:
+    if getattr(args, "maxp", False):
         raise UsageError("--maxp: a candidate store holds each document cut to the model's max_candidate_length; "
                          "leave out --maxp or --index")
     try:

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..runtime import resolve_dtype
+from ..runtime import resolve_device, resolve_dtype
 from .limits import MIN_DOCUMENT_TOKENS, PairLimits, QueryError
 
 __all__ = ["DEFAULT_BATCH_TOKENS", "DTYPES", "MIN_DOCUMENT_TOKENS", "PairScorer", "QueryError", "Row", "ScoringStats",
@@ -116,7 +116,7 @@ class PairScorer:
             name = type(model).__name__
         else:
             name = str(model)
-            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            self.device = resolve_device(device)
             self.tokenizer = tokenizer or load_tokenizer(model)
             dtype = resolve_dtype(dtype, self.device) if isinstance(dtype, str) else dtype
             # dtype=None would make transformers compute in the stored dtype (float16 weights: slow, lossy on CPU);

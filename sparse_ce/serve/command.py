@@ -13,6 +13,9 @@ import argparse
 import logging
 import os
 
+from configuration_sparse_ce import ATTENTION_BACKENDS
+
+from ..errors import positive_int
 from ..rank.scoring import DTYPES
 
 logger = logging.getLogger(__name__)
@@ -28,23 +31,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                         help="compute dtype (default auto: bfloat16 where the hardware has it; float32 for exact "
                         "scores)")
-    parser.add_argument("--threads", type=int,
+    parser.add_argument("--threads", type=positive_int,
                         help="CPU threads of the model (default: the cores this process may use)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--backend", help="attention backend of sparse-ce models (default: the model's own)")
-    parser.add_argument("--batch-tokens", type=int, help="padded tokens per forward, across requests (default: "
+    parser.add_argument("--backend", choices=ATTENTION_BACKENDS,
+                        help="attention backend of sparse-ce models (default: the model's own)")
+    parser.add_argument("--batch-tokens", type=positive_int, help="padded tokens per forward, across requests (default: "
                         "4096 on CPU, 16384 on GPU)")
-    parser.add_argument("--max-batch-requests", type=int, default=32, help="requests sharing one forward at most "
+    parser.add_argument("--max-batch-requests", type=positive_int, default=32, help="requests sharing one forward at most "
                         "(default: 32)")
-    parser.add_argument("--max-client-batch-size", type=int, default=1000,
+    parser.add_argument("--max-client-batch-size", type=positive_int, default=1000,
                         help="texts per request at most; more: 413 (default: 1000)")
-    parser.add_argument("--max-input-length", type=int, help="tokens per (query, text) pair (default: the model's "
+    parser.add_argument("--max-input-length", type=positive_int, help="tokens per (query, text) pair (default: the model's "
                         "maximum); longer pairs are cut with truncate=true, else refused with 413")
-    parser.add_argument("--queue-size", type=int, default=64, help="requests waiting for the model at most; more: "
+    parser.add_argument("--queue-size", type=positive_int, default=64, help="requests waiting for the model at most; more: "
                         "429 with Retry-After (default: 64)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait for its scores; "
                         "then 503 (default: 60)")
-    parser.add_argument("--payload-limit", type=int, default=2_000_000, help="request body bytes at most; more: 413 "
+    parser.add_argument("--payload-limit", type=positive_int, default=2_000_000, help="request body bytes at most; more: 413 "
                         "(default: 2,000,000, as TEI)")
     parser.add_argument("--index", metavar="DIR", help="MixEncoder candidate store (sparse-ce index): /v1/rerank "
                         "takes documents as {\"id\": ...} and reads them from it")
@@ -93,20 +97,17 @@ def build_service(args: argparse.Namespace):
     import torch
 
     from ..cli import UsageError
-    from ..rank.rerank import make_scorer
+    from ..rank.rerank import make_scorer, open_index
     from ..runtime import set_threads
     from .app import Limits, RerankService
 
-    for name in ("max_batch_requests", "max_client_batch_size", "queue_size", "payload_limit"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(args, name)}")
     if args.timeout <= 0:
         raise UsageError(f"--timeout: expected a positive number of seconds, got {args.timeout}")
     try:
         threads = set_threads(args.threads)
     except ValueError as error:
         raise UsageError(f"--threads: {error}") from None
-    store = _open_store(args) if args.index else None
+    store = open_index(args) if args.index else None
     scoring = argparse.Namespace(device=args.device, dtype=args.dtype, batch_tokens=args.batch_tokens,
                                  max_length=args.max_input_length, backend=args.backend)
     scorer = make_scorer(args.model, scoring, progress=False)
@@ -123,19 +124,6 @@ def build_service(args: argparse.Namespace):
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     return RerankService(scorer, limits, api_key=api_key, store_ranker=ranker,
                          on_worker_start=lambda: torch.set_num_threads(threads))
-
-
-def _open_store(args: argparse.Namespace):
-    from ..cli import UsageError
-    from ..precompute.store import CandidateStore
-
-    try:
-        store = CandidateStore.open(args.index)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"--index {args.index}: {error}") from error
-    if args.dtype == "auto":
-        args.dtype = store.manifest.model_dtype  # the dtype of the weights that wrote it (as rerank --index)
-    return store
 
 
 def _store_ranker(scorer, store, args: argparse.Namespace):
