@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import positive_int
+
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LEVELS = (1, 4, 16, 64)
 
@@ -43,15 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the shipped w=4 model)")
     parser.add_argument("--dl-json", default=str(ROOT.parent / "shared" / "data" / "trec-dl" / "bm25_top100_dl19.json"),
                         help="TREC DL JSON first stage (default: ../shared/data/trec-dl/bm25_top100_dl19.json)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=list(DEFAULT_LEVELS), help="client levels")
-    parser.add_argument("--requests", type=int, default=32, help="requests per level: this many, or one per client "
+    parser.add_argument("--concurrency", type=positive_int, nargs="+", default=list(DEFAULT_LEVELS), help="client levels")
+    parser.add_argument("--requests", type=positive_int, default=32, help="requests per level: this many, or one per client "
                         "where there are more clients (default: 32)")
-    parser.add_argument("--max-requests", type=int, default=200, help="requests per level at most (default: 200)")
-    parser.add_argument("--queries", type=int, help="use the first N queries only (a quick check)")
+    parser.add_argument("--max-requests", type=positive_int, default=200, help="requests per level at most (default: 200)")
+    parser.add_argument("--queries", type=positive_int, help="use the first N queries only (a quick check)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="dtype of both (default: "
                         "bfloat16, what --dtype auto picks on CPUs with bfloat16 arithmetic)")
-    parser.add_argument("--threads", type=int, help="CPU threads of both (default: the cores this process may use)")
-    parser.add_argument("--batch-tokens", type=int, help="the server's --batch-tokens (default: its own)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads of both (default: the cores this process may use)")
+    parser.add_argument("--batch-tokens", type=positive_int, help="the server's --batch-tokens (default: its own)")
     parser.add_argument("--tolerance", type=float, help="largest score difference to concurrency 1 not counted as "
                         "mixed up (default: 1e-3 in float32, 0.5 in bfloat16)")
     parser.add_argument("--no-baseline", action="store_true", help="skip CrossEncoder.predict")
@@ -61,11 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data import read_dl_json
-    from ..errors import require
+    from ..errors import check_output, require
     from ..runtime import set_threads
 
     for module, extra in (("uvicorn", "serve"), ("httpx", "serve"), ("matplotlib", "bench")):
         require(module, extra, "sparse-ce serve-bench")  # before any work, not after the runs
+    check_output(args.output, "--output")
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per request
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed: still stop the server (finally below)
