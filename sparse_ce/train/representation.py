@@ -46,10 +46,7 @@ def bi_encoder_embeddings(model: str, texts: list[str], cache_dir: Path | None, 
     from .teacher import count_cut
 
     encoder = SentenceTransformer(model, device="cpu")
-    cut = count_cut(encoder, texts)
-    if cut:
-        logger.warning("%s: %d of %d texts are longer than its max_seq_length %d and were cut", model, cut, len(texts),
-                       encoder.max_seq_length)
+    count_cut(encoder, texts, model)  # logged
     vectors = encoder.encode(
         texts, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=True
     ).float().cpu()

@@ -71,10 +71,7 @@ class Teacher:
 
         model = SentenceTransformer(self.name, device=self.device)
         texts = sorted(set(queries) | set(documents))
-        self.cut_texts = count_cut(model, texts)  # sentence-transformers cuts at max_seq_length without a word
-        if self.cut_texts:
-            logger.warning("%s: %d of %d distinct texts are longer than its max_seq_length %d and were cut",
-                           self.name, self.cut_texts, len(texts), model.max_seq_length)
+        self.cut_texts = count_cut(model, texts, self.name)  # sentence-transformers cuts without a word
         vectors = model.encode(
             texts, batch_size=self.batch_size, convert_to_tensor=True, normalize_embeddings=True,
             show_progress_bar=True,
@@ -85,13 +82,18 @@ class Teacher:
         return (q * d).sum(-1).float().cpu().tolist()
 
 
-def count_cut(model, texts: Sequence[str]) -> int:
-    """How many ``texts`` a sentence-transformers ``model`` cuts to its ``max_seq_length`` (special tokens included)."""
+def count_cut(model, texts: Sequence[str], name: str | None = None) -> int:
+    """How many ``texts`` a sentence-transformers ``model`` cuts to its ``max_seq_length`` (special tokens included);
+    with ``name``, a cut is also logged in one line naming the model (teachers and embedding models alike)."""
     limit = model.max_seq_length
     if not limit:
         return 0
     lengths = model.tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
-    return sum(len(ids) > limit for ids in lengths)
+    cut = sum(len(ids) > limit for ids in lengths)
+    if cut and name is not None:
+        logger.warning("%s: %d of %d distinct texts are longer than its max_seq_length %d and were cut", name, cut,
+                       len(texts), limit)
+    return cut
 
 
 def cached_teacher_scores(
