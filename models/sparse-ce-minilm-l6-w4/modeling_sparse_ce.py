@@ -202,7 +202,7 @@ class SparseCrossEncoderModel(SparseCrossEncoderPreTrainedModel):
                             flex_ready=flex_ready, dropout=dropout)
             for i, p in enumerate(patterns)
         ]
-        outside = [i for i, p, n in zip(range(len(patterns)), patterns, names) if not p.in_flag_family and n == "dense"]
+        outside = [i for i, (p, n) in enumerate(zip(patterns, names)) if not p.in_flag_family and n == "dense"]
         if name == "auto" and outside and not output_attentions:
             logger.warning_once(
                 f"attention_pattern: layers {outside} are outside the six-flag family; 'auto' runs them with the "
