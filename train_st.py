@@ -57,7 +57,7 @@ from sparse_ce.train.output import save, write_card
 from sparse_ce.train.representation import RepresentationDistillationLoss, representation_dataset
 from sparse_ce.train.teacher import TeacherSpec, teacher_scores
 from sparse_ce.train.trainer import MainProcessTrainer, TimeBudget, cut_documents
-from sparse_ce.precompute.convert import convert_mixencoder
+from sparse_ce.precompute.convert import add_mixencoder_arguments, convert_mixencoder, mixencoder_options
 
 logger = logging.getLogger("train_st")
 
@@ -104,11 +104,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the --init bi-encoder's embeddings (sparse_ce/train/representation.py)")
     parser.add_argument("--represent-pairs", type=int, default=64, help="pooled pairs per query (represent)")
     mix = parser.add_argument_group("--arch mixencoder")
-    mix.add_argument("--k", type=int, default=1, help="context embeddings per candidate")
-    mix.add_argument("--strategy", choices=["S", "C"], default="C", help="S: k special tokens; C: k context codes")
-    mix.add_argument("--interaction-layers", type=int, nargs="+", help="0-based layers (default: the last)")
+    add_mixencoder_arguments(mix)
     mix.add_argument("--freeze-encoder", action="store_true", help="train only the context compressor, the "
                      "interaction layers and the head (the encoder stays the dual encoder's)")
+    mix.add_argument("--new-parts-lr", type=float, help="learning rate of the context compressor, interaction "
+                     "layers and head (default: --lr); their zero-initialised blends barely move at 2e-5")
     mix.add_argument("--mnrl-negatives", type=int, default=4, help="in-batch negatives per query (mnrl)")
     parser.add_argument("--teacher", nargs="+", metavar="SPEC[*WEIGHT]",
                         help="teacher components fused by z-scored sums: a bi-/cross-encoder folder, 'bm25', or "
@@ -308,8 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     _ = training_args.device  # joins the process group under torchrun / accelerate: rank and world size are known
     with training_args.main_process_first(desc="convert"):
         if training_args.process_index == 0 and not resume and args.arch == "mixencoder":
-            convert_mixencoder(init, output, num_context=args.k, strategy=args.strategy,
-                               interaction_layers=args.interaction_layers, overwrite=True, model_id=args.model_id)
+            convert_mixencoder(init, output, overwrite=True, model_id=args.model_id, **mixencoder_options(args))
         elif training_args.process_index == 0 and not resume:
             convert(init, output, pattern=args.pattern, window=args.window, model_id=args.model_id, overwrite=True,
                     score_head=args.score_head)
@@ -339,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = MainProcessTrainer(
         model=model, args=training_args, train_dataset=dataset, loss=make_loss(args, model), evaluator=evaluator,
         callbacks=[TimeBudget(args.max_seconds, clock)] if args.max_seconds else None,
+        new_parts_lr=args.new_parts_lr,
     )
     trainer.train(resume_from_checkpoint=True if resume else None)
     train_seconds = clock()
@@ -369,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         "loss": args.loss, "teacher": " + ".join(map(str, teacher_specs(args))) if uses_teacher else None,
         "train_rows": len(dataset), "cut_pairs": cut, "steps": steps, "max_steps": args.max_steps,
         "batch_size": args.batch_size, "world_size": training_args.world_size, "lr": args.lr, "seed": args.seed,
+        "new_parts_lr": args.new_parts_lr,
         "bf16": bf16, "max_length": args.max_length,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
         "train_seconds": round(train_seconds, 1), "dev_queries": len(dev_ids),
@@ -376,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         "eval_queries": args.eval_queries,
     }
     if args.arch == "mixencoder":
-        record["mixencoder"] = {k: getattr(model.model.config, k) for k in ("num_context", "context_strategy", "interaction_layers")}
+        record["mixencoder"] = {k: getattr(model.model.config, k) for k in (
+            "num_context", "context_strategy", "interaction_layers", "interaction_block", "dual_encoder_start", "ablation")}
         record["mixencoder"].update(freeze_encoder=args.freeze_encoder, mnrl_negatives=args.mnrl_negatives)
     if "listwise" in args.loss:
         record["lists"] = {k: getattr(args, k) for k in ("list_objective", "list_size", "hard", "hard_depth",

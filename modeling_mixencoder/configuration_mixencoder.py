@@ -16,6 +16,13 @@ as ``configuration_sparse_ce.SCORE_ACTIVATION`` (restated: a MixEncoder Hub fold
 CONTEXT_STRATEGIES = ("S", "C")
 """S: k special tokens prepended to the candidate, their outputs kept; C: k learned codes attending over its outputs."""
 
+INTERACTION_BLOCKS = ("authors", "light")
+"""authors: output dense + LayerNorm + feed-forward of the copied layer for E and H (the authors' code); light: residual
+updates through zero-initialised output projections only (see modeling_mixencoder/interaction.py)."""
+
+ABLATIONS = (None, "without_H", "without_E")
+"""Table 3: score with H replaced by the query's own mean-pooled vector, or with the updated E replaced by E_0."""
+
 SCORE_HEADS = ("cosine", "classifier")
 """cosine: ``scale * cos(mean(E), H) + bias`` (Section 3.2); classifier: a linear layer on ``[e; h]``."""
 
@@ -30,6 +37,11 @@ class MixEncoderConfig(BertConfig):
         interaction_layers: 0-based encoder layers at which the candidates' context embeddings attend over the
             query; ``None``: the last layer. Negative indices count from the end.
         score_head: ``"cosine"`` or ``"classifier"`` (see :data:`SCORE_HEADS`).
+        interaction_block: ``"authors"`` (default) or ``"light"`` (see :data:`INTERACTION_BLOCKS`).
+        dual_encoder_start: An untrained model scores as the dual encoder with the same weights: ``H_0`` is the
+            mean-pooled query (the paper: zeros) and the authors' block's outputs are blended in by learned scalars
+            that start at zero. ``False``: the authors' block exactly (the light block needs ``True``).
+        ablation: ``None``, ``"without_H"`` or ``"without_E"`` (Table 3, see :data:`ABLATIONS`).
         cosine_scale: Initial scale of the cosine head.
         max_query_length: Query tokens kept, [CLS] and [SEP] included (default 64).
         max_candidate_length: Candidate tokens kept, [CLS] and [SEP] included (default 256; the store truncates
@@ -47,6 +59,9 @@ class MixEncoderConfig(BertConfig):
         cosine_scale: float = 20.0,
         max_query_length: int | None = None,
         max_candidate_length: int | None = None,
+        interaction_block: str = "authors",
+        dual_encoder_start: bool = True,
+        ablation: str | None = None,
         **kwargs,
     ) -> None:
         if "num_labels" not in kwargs and "id2label" not in kwargs:
@@ -57,6 +72,9 @@ class MixEncoderConfig(BertConfig):
         self.interaction_layers = list(interaction_layers) if interaction_layers is not None else None
         self.score_head = score_head
         self.cosine_scale = cosine_scale
+        self.interaction_block = interaction_block
+        self.dual_encoder_start = dual_encoder_start
+        self.ablation = ablation
         # defaults 64 and 256 tokens, within the position table (S-strategy context tokens take [CLS]'s place and more)
         room = self.max_position_embeddings - (num_context - 1 if context_strategy == "S" else 0)
         self.max_query_length = max_query_length if max_query_length is not None else min(64, self.max_position_embeddings)
@@ -75,6 +93,15 @@ class MixEncoderConfig(BertConfig):
             raise ValueError(f"context_strategy: expected one of {CONTEXT_STRATEGIES}, got {self.context_strategy!r}")
         if self.score_head not in SCORE_HEADS:
             raise ValueError(f"score_head: expected one of {SCORE_HEADS}, got {self.score_head!r}")
+        if self.interaction_block not in INTERACTION_BLOCKS:
+            raise ValueError(f"interaction_block: expected one of {INTERACTION_BLOCKS}, got {self.interaction_block!r}")
+        if not isinstance(self.dual_encoder_start, bool):
+            raise ValueError(f"dual_encoder_start: expected a bool, got {self.dual_encoder_start!r}")
+        if self.interaction_block == "light" and not self.dual_encoder_start:
+            raise ValueError("dual_encoder_start: the light block starts from the dual encoder by construction "
+                             "(zero-initialised output projections, H_0 the mean-pooled query); it cannot be False")
+        if self.ablation not in ABLATIONS:
+            raise ValueError(f"ablation: expected one of {ABLATIONS}, got {self.ablation!r}")
         for name in ("max_query_length", "max_candidate_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 3:

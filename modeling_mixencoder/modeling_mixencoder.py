@@ -3,13 +3,17 @@
 Wang et al.: "Once is Enough: A Lightweight Cross-Attention for Fast Sentence Pair Modeling", Sections 3.1-3.2.
 The encoder is Hugging Face BERT, run on the query alone and on the candidate alone; at each interaction layer the
 candidates' context embeddings ``E`` attend over [their own keys; the query's keys] (Eq. 1) and a candidate-aware
-query state ``H`` is updated by a gate from the attention of the pooled candidate over the query (Eq. 2). Every
-attention below goes through :func:`attend`, and scores from a candidate store and from ``[CLS] q [SEP] d [SEP]``
+query state ``H`` is updated by a gate from the attention of the pooled candidate over the query (Eq. 2; the layers
+are in :mod:`.interaction`). Scores from a candidate store and from ``[CLS] q [SEP] d [SEP]``
 rows go through the same :meth:`MixEncoderForSequenceClassification.score_candidates`.
 
-Departures from the paper, so that an untrained model equals the dual encoder with the same weights (a budget of
-a few CPU hours cannot re-learn what the bi-encoder knows): ``H_0`` is the mean-pooled query instead of zeros, and
-the output projections of both updates start at zero, so the updates begin as no-ops and are learned.
+The interaction block is the authors' (output dense + LayerNorm + feed-forward for E and H; see
+:mod:`.interaction`), or a lighter one. With ``dual_encoder_start`` (default) an untrained model equals the dual
+encoder with the same weights (a budget of a few CPU hours cannot re-learn what the bi-encoder knows): ``H_0`` is the
+mean-pooled query instead of zeros and each block's outputs are blended in by learned scalars that start at zero.
+Table 3's ablations (``ablation="without_H"`` / ``"without_E"``) score without the candidate-aware query state H (the
+query's own mean-pooled vector instead) or without the updated E (the stored ``E_0`` instead). Every departure from
+the paper and its code is listed in docs/precompute.md.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .configuration_mixencoder import MixEncoderConfig
+from .interaction import INTERACTION_BLOCKS, AuthorsInteractionLayer, ZeroLinear
 
 try:  # Hub folder: segments.py and hub_folder.py are flat siblings
     from .hub_folder import HubFolderMixin
@@ -43,7 +48,7 @@ AUTO_MAP = {
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Scaled dot-product attention; the one attention function of the MixEncoder's own layers.
+    """Scaled dot-product attention with a key mask: the C-strategy's context codes over a candidate's states.
 
     Args:
         query: ``[n, heads, lq, dim]``; key, value: ``[n, heads, lk, dim]``.
@@ -73,10 +78,6 @@ class QueryStates:
     pooled: torch.Tensor
 
 
-class ZeroLinear(nn.Linear):
-    """A linear layer initialised to zero: an update that starts as a no-op."""
-
-
 class ContextCompressor(nn.Module):
     """Section 3.1: a candidate's encoder states into ``k`` context embeddings (S- or C-strategy)."""
 
@@ -103,41 +104,6 @@ class ContextCompressor(nn.Module):
         return out[:, 0]
 
 
-class InteractionLayer(nn.Module):
-    """One interaction layer: Eq. 1 (E attends over [E; query]) and Eq. 2 (gated update of H)."""
-
-    def __init__(self, config: MixEncoderConfig) -> None:
-        super().__init__()
-        d = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.head_dim = d // config.num_attention_heads
-        self.scaling = self.head_dim**-0.5
-        self.candidate_query, self.candidate_key, self.candidate_value = (nn.Linear(d, d) for _ in range(3))
-        self.candidate_output = ZeroLinear(d, d)
-        self.compress_query = nn.Linear(d, d)
-        self.query_output = ZeroLinear(d, d)
-        self.gate = nn.Linear(3 * d, d)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # [n, len, hidden] -> [n, heads, len, dim]
-
-    def forward(self, context, state, query_key, query_value, query_mask):
-        # context E: [n, k, hidden]; state H: [n, hidden]; query_key/value: [n, tokens, heads, dim]; query_mask: [n, tokens]
-        n, k, _ = context.shape
-        key_q, value_q = query_key.transpose(1, 2), query_value.transpose(1, 2)  # [n, heads, tokens, dim]
-        keys = torch.cat([self.heads(self.candidate_key(context)), key_q], 2)
-        values = torch.cat([self.heads(self.candidate_value(context)), value_q], 2)
-        mask = torch.cat([query_mask.new_ones(n, k), query_mask], 1)
-        mixed = attend(self.heads(self.candidate_query(context)), keys, values, mask, self.scaling)  # Eq. 1
-        new_context = context + self.dropout(self.candidate_output(mixed.transpose(1, 2).flatten(-2)))
-        pooled = context.mean(1)  # Q* from E_{j-1}
-        summary = attend(self.heads(self.compress_query(pooled)[:, None]), key_q, value_q, query_mask, self.scaling)
-        delta = self.dropout(self.query_output(summary.transpose(1, 2).flatten(-2)[:, 0]))
-        gate = torch.sigmoid(self.gate(torch.cat([pooled, delta, state], -1)))  # Eq. 2
-        return new_context, state + gate * delta
-
-
 class MixEncoderPreTrainedModel(HubFolderMixin, BertPreTrainedModel):
     """Weight init and loading of BERT, plus a ``save_pretrained`` that writes a self-contained Hub folder."""
 
@@ -149,6 +115,8 @@ class MixEncoderPreTrainedModel(HubFolderMixin, BertPreTrainedModel):
         if isinstance(module, ZeroLinear):
             init.zeros_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, AuthorsInteractionLayer) and module.blend is not None:
+            init.zeros_(module.blend)
         elif isinstance(module, ContextCompressor):
             init.normal_(module.vectors, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, CosineHead):
@@ -211,7 +179,8 @@ class MixEncoderForSequenceClassification(MixEncoderPreTrainedModel):
         self.num_labels = config.num_labels
         self.bert = BertModel(config, add_pooling_layer=False)
         self.context = ContextCompressor(config)
-        self.interaction = nn.ModuleList(InteractionLayer(config) for _ in config.interaction_layer_indices())
+        block = INTERACTION_BLOCKS[config.interaction_block]
+        self.interaction = nn.ModuleList(block(config) for _ in config.interaction_layer_indices())
         self.classifier = CosineHead(config) if config.score_head == "cosine" else ClassifierHead(config)
         self.post_init()
 
@@ -219,17 +188,14 @@ class MixEncoderForSequenceClassification(MixEncoderPreTrainedModel):
         """Copy the encoder's weights into the new parts, as the paper does (call after loading BERT weights).
 
         Each interaction layer's candidate and compress projections start as its encoder layer's query/key/value
-        projections; S-strategy special tokens start at the [CLS] embedding (plus the init noise that tells them
-        apart). The output projections stay zero, so the model still scores as the dual encoder.
+        projections (the authors' block also copies the layer's output dense, LayerNorms and feed-forward);
+        S-strategy special tokens start at the [CLS] embedding (plus the init noise that tells them apart). The
+        blends (authors' block) and output projections (light block) stay zero: with ``dual_encoder_start`` the
+        model still scores as the dual encoder.
         """
         with torch.no_grad():
             for index, layer in zip(self.config.interaction_layer_indices(), self.interaction):
-                source = self.bert.encoder.layer[index].attention.self
-                for target, origin in (
-                    (layer.candidate_query, source.query), (layer.candidate_key, source.key),
-                    (layer.candidate_value, source.value), (layer.compress_query, source.query),
-                ):
-                    target.load_state_dict(origin.state_dict())
+                layer.copy_from(self.bert.encoder.layer[index])
             if self.config.context_strategy == "S":
                 cls_id = self.config.cls_token_id if getattr(self.config, "cls_token_id", None) is not None else 101
                 self.context.vectors.add_(self.bert.embeddings.word_embeddings.weight[cls_id])
@@ -265,15 +231,20 @@ class MixEncoderForSequenceClassification(MixEncoderPreTrainedModel):
             row_to_query: ``[n]`` index of each candidate's query in ``queries``; ``None``: one query for all.
         """
         n = context.shape[0]
-        if row_to_query is None:
+        if row_to_query is None:  # one query for all: its keys and values stay [1, ...], shared, not copied
             if queries.mask.shape[0] != 1:
                 raise ValueError(f"row_to_query: needed for {queries.mask.shape[0]} queries")
-            row_to_query = torch.zeros(n, dtype=torch.long, device=context.device)
-        mask = queries.mask[row_to_query]
-        state = queries.pooled[row_to_query].to(context.dtype)  # H_0
+            pick = lambda x: x  # noqa: E731
+        else:
+            pick = lambda x: x[row_to_query]  # noqa: E731
+        pooled = pick(queries.pooled).to(context.dtype).expand(n, -1)  # the query's own (dual-encoder) vector
+        state = pooled if self.config.dual_encoder_start else torch.zeros_like(pooled)  # H_0
+        first = context
         for layer, key, value in zip(self.interaction, queries.keys, queries.values):
-            context, state = layer(context, state, key[row_to_query].to(context.dtype), value[row_to_query].to(context.dtype), mask)
-        return self.classifier(context.mean(1), state)
+            context, state = layer(context, state, pick(key).to(context.dtype), pick(value).to(context.dtype), pick(queries.mask))
+        ablation = self.config.ablation
+        candidate = (first if ablation == "without_E" else context).mean(1)
+        return self.classifier(candidate, pooled if ablation == "without_H" else state)
 
     # ---- pair rows (CrossEncoder) -----------------------------------------------------------------------------
 

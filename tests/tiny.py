@@ -67,7 +67,7 @@ def make_bert_folder(folder: Path, seed: int = 0, **overrides) -> Path:
 
 def make_mixencoder_folder(folder: Path, k: int = 2, strategy: str = "C", layers=(0, 1), seed: int = 0, noise: float = 0.05) -> Path:
     """A tiny MixEncoder converted from a tiny BERT; ``noise`` perturbs every weight so that the interaction layers
-    (zero-initialised output projections) take part."""
+    (zero-initialised blends) take part."""
     from modeling_mixencoder import MixEncoderForSequenceClassification
     from sparse_ce.precompute.convert import convert_mixencoder
 

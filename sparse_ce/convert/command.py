@@ -21,6 +21,7 @@ from string import Template
 from configuration_sparse_ce import DIRECTION_FLAGS, PRESETS, SCORE_HEADS, SEGMENT_NAMES, SparseCrossEncoderConfig
 from modeling_sparse_ce import SparseCrossEncoderForSequenceClassification
 from ..cli import UsageError
+from ..precompute.convert import add_mixencoder_arguments
 from ..errors import check_output
 from ..sources import HUB_FILES, load_tokenizer, resolve_source  # noqa: F401 (HUB_FILES: kept importable here)
 from .original import describe, describe_source, is_original_checkpoint, original_window
@@ -73,11 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mix = parser.add_argument_group("--arch mixencoder (pre-computed candidates, docs/precompute.md)")
     mix.add_argument("--arch", choices=["sparse-ce", "mixencoder"], default="sparse-ce",
                      help="sparse cross-encoder (default) or MixEncoder (Wang et al., 'Once is Enough')")
-    mix.add_argument("--k", type=int, default=1, help="context embeddings per candidate")
-    mix.add_argument("--strategy", choices=["S", "C"], default="C",
-                     help="S: k special tokens prepended; C: k context codes attending over the outputs")
-    mix.add_argument("--interaction-layers", type=int, nargs="+", metavar="LAYER",
-                     help="0-based layers where candidates attend over the query (default: the last)")
+    add_mixencoder_arguments(mix)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,10 +84,13 @@ def run(args: argparse.Namespace) -> int:
                        if getattr(args, n) is not None] + (["--window"] if args.window != "default" else [])
         if sparse_only:
             raise UsageError(f"{', '.join(sparse_only)}: options of sparse cross-encoders, not of --arch mixencoder")
-        from ..precompute.convert import convert_mixencoder
+        from ..precompute.convert import convert_mixencoder, mixencoder_options
 
-        convert_mixencoder(args.src, args.dst, num_context=args.k, strategy=args.strategy,
-                           interaction_layers=args.interaction_layers, overwrite=args.overwrite, model_id=args.model_id)
+        try:
+            convert_mixencoder(args.src, args.dst, overwrite=args.overwrite, model_id=args.model_id,
+                               **mixencoder_options(args))
+        except ValueError as error:
+            raise UsageError(str(error)) from error
         return 0
     check_output(args.dst, "dst", folder=True)
     try:

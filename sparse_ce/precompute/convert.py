@@ -26,6 +26,31 @@ DROPPED = re.compile(r"(^|\.)(pooler|embeddings\.position_ids|embeddings\.token_
 """Source keys a MixEncoder does not use: BERT's pooler, index buffers, pre-training and classification heads."""
 
 
+def add_mixencoder_arguments(group) -> None:
+    """The MixEncoder's options, shared by ``sparse-ce convert --arch mixencoder`` and ``train_st.py``."""
+    from modeling_mixencoder.configuration_mixencoder import ABLATIONS, INTERACTION_BLOCKS
+
+    group.add_argument("--k", type=int, default=1, help="context embeddings per candidate")
+    group.add_argument("--strategy", choices=["S", "C"], default="C",
+                       help="S: k special tokens prepended; C: k context codes attending over the outputs")
+    group.add_argument("--interaction-layers", type=int, nargs="+", metavar="LAYER",
+                       help="0-based layers where candidates attend over the query (default: the last)")
+    group.add_argument("--interaction-block", choices=INTERACTION_BLOCKS, default="authors",
+                       help="authors: output dense + LayerNorm + feed-forward for E and H, as the authors' code "
+                       "(default); light: zero-initialised residual projections only")
+    group.add_argument("--no-dual-encoder-start", dest="dual_encoder_start", action="store_false",
+                       help="the authors' block exactly (H_0 = 0, no zero-initialised blend): an untrained model is "
+                       "then not the dual encoder")
+    group.add_argument("--ablation", choices=[a for a in ABLATIONS if a], help="Table 3: score without H or without E")
+
+
+def mixencoder_options(args) -> dict:
+    """:func:`convert_mixencoder`'s keyword arguments from :func:`add_mixencoder_arguments`' options."""
+    return dict(num_context=args.k, strategy=args.strategy, interaction_layers=args.interaction_layers,
+                interaction_block=args.interaction_block, dual_encoder_start=args.dual_encoder_start,
+                ablation=args.ablation)
+
+
 def convert_mixencoder(
     src: str | Path,
     dst: str | Path,
@@ -33,6 +58,9 @@ def convert_mixencoder(
     strategy: str = "C",
     interaction_layers: list[int] | None = None,
     score_head: str = "cosine",
+    interaction_block: str = "authors",
+    dual_encoder_start: bool = True,
+    ablation: str | None = None,
     overwrite: bool = False,
     model_id: str | None = None,
 ) -> Path:
@@ -52,7 +80,8 @@ def convert_mixencoder(
     fields = {k: v for k, v in source.items() if k not in ("id2label", "label2id", "num_labels", "auto_map", "architectures", "model_type")}
     fields.update(
         num_context=num_context, context_strategy=strategy, interaction_layers=interaction_layers,
-        score_head=score_head, num_labels=1,
+        score_head=score_head, num_labels=1, interaction_block=interaction_block,
+        dual_encoder_start=dual_encoder_start, ablation=ablation,
     )
     config = MixEncoderConfig(**fields)
     tokenizer = load_tokenizer(folder)
@@ -90,11 +119,13 @@ tags: [cross-encoder, mixencoder, sparse-ce]
 
 A MixEncoder ("Once is Enough: A Lightweight Cross-Attention for Fast Sentence Pair Modeling", Wang et al.) made
 from `{source}` by `sparse-ce convert {source} {name} --arch mixencoder --k {config.num_context} --strategy
-{config.context_strategy} --interaction-layers {' '.join(map(str, config.interaction_layer_indices()))}`.
+{config.context_strategy} --interaction-layers {' '.join(map(str, config.interaction_layer_indices()))}
+--interaction-block {config.interaction_block}{'' if config.dual_encoder_start else ' --no-dual-encoder-start'}{'' if config.ablation is None else ' --ablation ' + config.ablation}`.
 Candidates are encoded alone into {config.num_context} context embedding(s) ({config.context_strategy}-strategy), the
 query once; interaction at layer(s) {config.interaction_layer_indices()}; score head `{config.score_head}`.
 
-Untrained interaction layers start as no-ops: the model then scores as the dual encoder with the same weights.
+Interaction block: `{config.interaction_block}`{'' if config.ablation is None else f', ablation `{config.ablation}` (Table 3)'}.
+{"Untrained interaction layers start as no-ops: the model then scores as the dual encoder with the same weights." if config.dual_encoder_start else "The interaction layers are the authors' exactly (H_0 = 0): train the model before use."}
 
 ```python
 from sentence_transformers import CrossEncoder
