@@ -75,7 +75,7 @@ def test_holm_and_paired_p():
     assert 0 < paired_p([0.6, 0.5, 0.2], [0.5, 0.4, 0.3]) < 1
 
 
-def test_heads_and_svd_end_to_end(setup):
+def test_heads_and_svd_end_to_end(setup, capsys):
     model, data, root = setup
     out = root / "heads"
     assert main(["analyze", "heads", "--model", str(model), "--collections", "dl19", "--data", str(data), "--per-class", "2",
@@ -90,6 +90,24 @@ def test_heads_and_svd_end_to_end(setup):
     ranking = result["ranking"]["document attends to query"]
     assert len(ranking) == 8 and ranking[0]["relevant_minus_easy"] >= ranking[-1]["relevant_minus_easy"]
     assert (out / "heads-document-to-query.png").is_file() and (out / "heads-query-to-document.png").is_file()
+    # relevant − hard: the difference of the stored class means, heads ranked by it
+    hard_ranking = result["ranking_hard"]["document attends to query"]
+    means = doc_to_query["max"]
+    assert [r["relevant_minus_hard"] for r in hard_ranking] == sorted((r["relevant_minus_hard"] for r in hard_ranking), reverse=True)
+    assert {(r["layer"], r["head"]) for r in hard_ranking} == {(l, h) for l in range(2) for h in range(4)}
+    for r in hard_ranking:
+        l, h = r["layer"], r["head"]
+        assert r["relevant_minus_hard"] == pytest.approx(means["relevant"][l][h] - means["hard"][l][h], abs=1e-6)
+        assert r["relevant"] == pytest.approx(means["relevant"][l][h]) and r["hard"] == pytest.approx(means["hard"][l][h])
+    for stat in ("mass", "max"):
+        stats = doc_to_query[stat]
+        got = result["difference_hard"]["document attends to query"][stat]
+        assert [v for row in got for v in row] == pytest.approx(
+            [r - h for rr, hh in zip(stats["relevant"], stats["hard"]) for r, h in zip(rr, hh)], abs=1e-6)
+    assert len({r["relevant_minus_hard"] for r in hard_ranking}) > 1  # not all equal: the order is tested
+    assert (out / "heads-document-to-query-hard.png").is_file()
+    printed = capsys.readouterr().out
+    assert "relevant − hard max attention" in printed and "relevant − easy max attention" in printed
 
     assert main(["analyze", "svd", "--model", str(model), "--heads", str(out / "heads.json"), "--output-dir", str(out)]) == 0
     svd = json.loads((out / "svd.json").read_text())

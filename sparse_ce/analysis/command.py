@@ -113,9 +113,10 @@ def _run(args: argparse.Namespace) -> int:
     model = _load(args.model)
     tokenizer = _tokenizer(args.model)
     result = run_heads(model, tokenizer, sample_pairs(collections, args.per_class, args.seed), args.output_dir, args.max_length)
-    for direction, ranking in result["ranking"].items():
-        top = ", ".join(f"{r['layer']}/{r['head']} ({r['relevant_minus_easy']:+.3f})" for r in ranking[:5])
-        print(f"{direction}: top heads (layer/head, relevant − easy max attention): {top}")
+    for key, field, negatives in (("ranking", "relevant_minus_easy", "easy"), ("ranking_hard", "relevant_minus_hard", "hard")):
+        for direction, ranking in result[key].items():
+            top = ", ".join(f"{r['layer']}/{r['head']} ({r[field]:+.3f})" for r in ranking[:5])
+            print(f"{direction}: top heads (layer/head, relevant − {negatives} max attention): {top}")
     print(f"heads.json and heads-*.png in {args.output_dir}")
     return 0
 

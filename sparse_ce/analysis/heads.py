@@ -4,8 +4,10 @@
 mass and the maximum attention from query tokens to document tokens and from document tokens to query tokens, for
 relevant passages (grade >= 2), hard negatives (judged 0, retrieved by BM25 for the query) and easy negatives
 (passages retrieved for other queries). Heads whose attention is higher for relevant than for easy negatives are
-"matching heads". Query tokens exclude [CLS] and [SEP]1, document tokens exclude [SEP]2. Weights come from the dense
-backend (the only one that returns them), in float32.
+"matching heads" (``ranking``); those that also separate relevant passages from hard negatives, which share the
+query's terms, are the paper's "semantic" matching heads (``ranking_hard``, relevant − hard). Query tokens exclude
+[CLS] and [SEP]1, document tokens exclude [SEP]2. Weights come from the dense backend (the only one that returns
+them), in float32.
 """
 
 from __future__ import annotations
@@ -79,7 +81,14 @@ def head_statistics(weights: torch.Tensor, rows: torch.Tensor, cols: torch.Tenso
 @torch.inference_mode()
 def run_heads(model, tokenizer, pairs: list[tuple[str, str, str, str]], output_dir: Path, max_length: int = 256,
               batch_size: int = 16) -> dict:
-    """Average the statistics per class and write ``heads.json`` and one heatmap PNG per direction."""
+    """Average the statistics per class and write ``heads.json`` and per direction two heatmap PNGs (relevant − easy,
+    relevant − hard).
+
+    Returns:
+        The content of ``heads.json``: ``statistics`` (direction -> mass/max -> class -> layers x heads means),
+        ``difference`` / ``difference_hard`` (relevant − easy / − hard of those), ``ranking`` / ``ranking_hard``
+        (direction -> heads by relevant − easy / − hard max attention, highest first) and the counts.
+    """
     config = model.config
     layers, heads = config.num_hidden_layers, config.num_attention_heads
     sums = {d: {s: {c: torch.zeros(layers, heads, dtype=torch.float64) for c in CLASSES} for s in STATS} for d in DIRECTIONS}
@@ -104,22 +113,24 @@ def run_heads(model, tokenizer, pairs: list[tuple[str, str, str, str]], output_d
         for name in classes:
             counts[name] += 1
     means = {d: {s: {c: (sums[d][s][c] / max(counts[c], 1)).tolist() for c in CLASSES} for s in STATS} for d in DIRECTIONS}
-    result = {"layers": layers, "heads": heads, "pairs": counts, "statistics": means, "difference": {}, "ranking": {}}
+    result = {"layers": layers, "heads": heads, "pairs": counts, "statistics": means, "difference": {},
+              "difference_hard": {}, "ranking": {}, "ranking_hard": {}}
     output_dir.mkdir(parents=True, exist_ok=True)
     for direction, slug in DIRECTIONS.items():
-        result["difference"][direction] = {}
-        for stat in STATS:
-            rel, hard, easy = (torch.tensor(means[direction][stat][c]) for c in CLASSES)
-            result["difference"][direction][stat] = (rel - easy).tolist()
+        for key, negative in (("difference", "easy"), ("difference_hard", "hard")):
+            result[key][direction] = {stat: (torch.tensor(means[direction][stat]["relevant"])
+                                             - torch.tensor(means[direction][stat][negative])).tolist() for stat in STATS}
         rel, hard, easy = (torch.tensor(means[direction]["max"][c]) for c in CLASSES)
-        order = sorted(((l, h) for l in range(layers) for h in range(heads)), key=lambda lh: -float(rel[lh] - easy[lh]))
-        result["ranking"][direction] = [
+        records = [
             {"layer": l, "head": h, "relevant": float(rel[l, h]), "hard": float(hard[l, h]), "easy": float(easy[l, h]),
              "relevant_minus_easy": float(rel[l, h] - easy[l, h]), "relevant_minus_hard": float(rel[l, h] - hard[l, h])}
-            for l, h in order
+            for l in range(layers) for h in range(heads)
         ]
-        heads_heatmap(result["difference"][direction]["max"], f"{direction}: max attention, relevant − easy negatives",
-                      output_dir / f"heads-{slug}.png", "Δ max attention")
+        result["ranking"][direction] = sorted(records, key=lambda r: -r["relevant_minus_easy"])
+        result["ranking_hard"][direction] = sorted(records, key=lambda r: -r["relevant_minus_hard"])
+        for key, negatives, suffix in (("difference", "easy", ""), ("difference_hard", "hard", "-hard")):
+            heads_heatmap(result[key][direction]["max"], f"{direction}: max attention, relevant − {negatives} negatives",
+                          output_dir / f"heads-{slug}{suffix}.png", "Δ max attention")
     (output_dir / "heads.json").write_text(json.dumps(result, indent=1) + "\n")
     logger.info("heads: %s pairs; results in %s", counts, output_dir)
     return result
