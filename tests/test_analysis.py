@@ -43,11 +43,62 @@ def test_ablate_writes_every_direction_and_group(setup):
     assert not singles[("doc", "doc", "all")]["unchanged"]
     group = next(r for r in records if r.get("group") == "every cross-segment direction" and r["layers"] == "all")
     assert len(group["from"]) == len(group["to"]) == 20 and "query" in group["from"]
+    assert all(-1 <= r["tau_bm25"] <= 1 and -1 <= r["tau_base"] <= 1 for r in records)
+    assert off["tau_base"] == 1.0 and off["tau_bm25"] == json.loads((out / "ablation-summary.json").read_text())["tau_bm25"]
+    closed = next(r for r in records if r.get("group") == "query/document cut with the [CLS] bridge closed"
+                  and r["layers"] == "all")
+    assert len(closed["from"]) == 12 and not closed["unchanged"]
     summary = json.loads((out / "ablation-summary.json").read_text())
-    assert summary["queries"] == 8 and summary["depth"] == 6
+    assert summary["queries"] == 8 and summary["depth"] == 6 and -1 <= summary["tau_bm25"] <= 1
     table = (out / "ablation.md").read_text()
     assert "| [CLS] |" in table and "every direction into a [SEP]" in table and "(off)" in table
+    assert "| τ vs BM25 | τ vs unablated |" in table and "| query side and document side attend to each other | upper |" in table
     assert (out / "ablation.png").stat().st_size > 10_000
+
+
+def test_the_new_groups_and_the_sets():
+    each_other = set(GROUPS["query side and document side attend to each other"])
+    assert each_other == set(GROUPS["query side attends to document side"]) | set(GROUPS["document side attends to query side"])
+    assert len(each_other) == 8
+    closed = set(GROUPS["query/document cut with the [CLS] bridge closed"])
+    assert closed - each_other == {("cls", b) for b in ("query", "sep1", "doc", "sep2")}
+    # [CLS] attends to itself only; every segment still attends to [CLS] and to its own side's [SEP]
+    kept = {(a, b) for a in SEGMENT_NAMES for b in SEGMENT_NAMES} - closed
+    assert {b for a, b in kept if a == "cls"} == {"cls"}
+    assert all(("cls" != a and (a, "cls") in kept) for a in SEGMENT_NAMES if a != "cls")
+    assert {("query", "sep1"), ("doc", "sep2"), ("sep1", "query"), ("sep2", "doc")} <= kept
+    assert len(all_ablations(["directions-all"])) == 25 and {a.layers for a in all_ablations(["directions-all"])} == {"all"}
+    assert len(all_ablations(["groups"])) == 3 * len(GROUPS) and all(a.group for a in all_ablations(["groups"]))
+    assert all_ablations(["directions", "directions-all"]) == all_ablations(["directions"])  # each once
+    with pytest.raises(ValueError, match="sets"):
+        all_ablations(["heads"])
+
+
+def test_ablate_sets_groups_only_in_zero_mode(setup):
+    model, data, root = setup
+    out = root / "groups-zero"
+    assert main(["analyze", "ablate", "--model", str(model), "--collections", "dl19", "--data", str(data), "--depth", "4",
+                 "--output-dir", str(out), "--threads", "1", "--sets", "groups", "--mode", "zero"]) == 0
+    records = json.loads((out / "ablation.json").read_text())
+    assert len(records) == 3 * len(GROUPS) and all(r["mode"] == "zero" and "group" in r for r in records)
+    closed = next(r for r in records if r["group"] == "query/document cut with the [CLS] bridge closed")
+    assert not closed["unchanged"]
+    assert not (out / "ablation.png").exists() and "attends to →" not in (out / "ablation.md").read_text()
+
+
+def test_mean_tau_against_a_hand_computed_case():
+    from sparse_ce.analysis.ablate import Scored, mean_tau
+
+    # q1 in first-stage order: model 0.3 0.1 0.2 0.0 -> pairs (1,2) discordant, the other 5 concordant: tau 4/6;
+    # q2: every score equal -> counts 0; q3: one candidate -> left out
+    result = {"c": Scored({}, {"q1": [0.3, 0.1, 0.2, 0.0], "q2": [1.0, 1.0, 1.0], "q3": [5.0]})}
+    assert mean_tau(result) == pytest.approx((2 / 3 + 0) / 2)
+    # against another model's scores: q1 identical order -> 1; q2 still constant -> 0
+    other = {"c": Scored({}, {"q1": [3.0, 1.0, 2.0, -1.0], "q2": [0.1, 0.2, 0.3], "q3": [1.0]})}
+    assert mean_tau(result, other) == pytest.approx(0.5)
+    # ties: [1, 1, 0] vs first-stage 3 2 1: tau-b = 2 / sqrt(2 * 3)
+    assert mean_tau({"c": Scored({}, {"q": [1.0, 1.0, 0.0]})}) == pytest.approx(2 / 6**0.5)
+    assert mean_tau({"c": Scored({}, {"q": [1.0]})}) is None
 
 
 def test_ablating_a_direction_the_pattern_lacks_leaves_every_score_unchanged(setup):

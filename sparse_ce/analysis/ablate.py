@@ -1,18 +1,24 @@
 """``sparse-ce analyze ablate``: nDCG@10 with each attention direction (or group) removed, in a layer range.
 
 "Understanding Matching Mechanisms in Cross-Encoders" (arXiv 2507.14604), Table 1: ablating one of the 25 directions
-between [CLS] / query / [SEP]1 / document / [SEP]2 shows which information flows the ranking needs. A removed direction
-takes the attended segment's keys out of the attending segment's softmax (the row renormalises over what is left; a
-row left with no key outputs zeros). Each variant is the model's own per-layer pattern with cells switched off, so a
-direction the model's pattern already lacks changes nothing (its scores are reused, marked ``unchanged``). Every
-variant re-ranks the same candidates; per-query paired t-tests against the unablated model, Holm-corrected.
+between [CLS] / query / [SEP]1 / document / [SEP]2 shows which information flows the ranking needs. Two modes remove a
+direction: ``renormalise`` (the default) takes the attended segment's keys out of the attending segment's softmax (the
+row renormalises over what is left; a row left with no key outputs zeros); ``zero`` (the paper's) keeps the softmax
+over the model's own pattern and sets the removed weights to 0 after it (dense backend). Each variant is the model's
+own per-layer pattern with cells switched off, so a direction the model's pattern already lacks changes nothing (its
+scores are reused, marked ``unchanged``). Every variant re-ranks the same candidates; per-query paired t-tests against
+the unablated model, Holm-corrected, and the mean per-query Kendall's tau of each variant's ranking against BM25's
+order and the unablated model's (:func:`mean_tau`). Head ablation shares the scoring here (:mod:`.head_ablation`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from scipy import stats
@@ -67,8 +73,21 @@ def _nonzero(zeroed: list | None) -> list | None:
     return zeroed if zeroed and any(cell for matrix in zeroed for row in matrix for cell in row) else None
 
 
-def collection_scorer(scorer: PairScorer, collections: list[Collection]):
-    """Tokenise every collection once; returns ``score() -> {collection: {qid: nDCG@10}}`` under the current pattern."""
+@dataclass
+class Scored:
+    """One collection scored under one model setting.
+
+    Attributes:
+        ndcg: Judged query id -> nDCG@10.
+        scores: Query id -> the scores of its candidates, in first-stage order.
+    """
+
+    ndcg: dict[str, float]
+    scores: dict[str, list[float]]
+
+
+def collection_scorer(scorer: PairScorer, collections: list[Collection]) -> Callable[[], dict[str, Scored]]:
+    """Tokenise every collection once; returns ``score() -> {collection: Scored}`` under the current model setting."""
     from ..eval.evaluate import measure_run
 
     encoded = []
@@ -77,14 +96,59 @@ def collection_scorer(scorer: PairScorer, collections: list[Collection]):
         rows, _ = scorer.encode(queries, docs, qids)
         encoded.append((collection, rows, len(qids)))
 
-    def score() -> dict[str, dict[str, float]]:
+    def score() -> dict[str, Scored]:
         out = {}
         for collection, rows, n in encoded:
             run = collection.first_stage.ranking(scorer.score_rows(rows, n))
-            out[collection.name] = measure_run(collection, run)["per_query"]
+            out[collection.name] = Scored(measure_run(collection, run)["per_query"],
+                                          {qid: [s for _, s in hits] for qid, hits in run.items()})
         return out
 
     return score
+
+
+def mean_tau(result: dict[str, Scored], reference: dict[str, Scored] | None = None) -> float | None:
+    """Mean over queries of Kendall's tau-b between each query's candidate scores in ``result`` and in ``reference``
+    (``None``: the first-stage order, its top candidate highest).
+
+    A query with one candidate has no order and is left out (``None`` when none has two); one whose scores are all
+    equal ranks nothing and counts 0.
+    """
+    taus = []
+    for name in sorted(result):
+        for qid, values in sorted(result[name].scores.items()):
+            if len(values) < 2:
+                continue
+            other = reference[name].scores[qid] if reference is not None else list(range(len(values), 0, -1))
+            tau = float(stats.kendalltau(values, other).statistic)
+            taus.append(0.0 if math.isnan(tau) else tau)
+    return _mean(taus) if taus else None
+
+
+def measure_variant(result: dict[str, Scored], base: dict[str, Scored]) -> dict:
+    """``ndcg@10``, ``delta`` and paired ``p`` against the unablated ``base``, ``tau_bm25``, ``tau_base`` (see
+    :func:`mean_tau`) and ``per_collection`` nDCG@10 of one variant."""
+    values, base_values = _pooled(result), _pooled(base)
+    return {
+        "ndcg@10": _mean(values),
+        "delta": _mean(values) - _mean(base_values),
+        "p": paired_p(values, base_values),
+        "tau_bm25": mean_tau(result),
+        "tau_base": mean_tau(result, base),
+        "per_collection": {name: _mean(list(scored.ndcg.values())) for name, scored in result.items()},
+    }
+
+
+def base_summary(base: dict[str, Scored], collections: list[Collection]) -> dict:
+    """The unablated model: ``measure``, ``ndcg@10``, ``tau_bm25``, ``queries``, ``per_collection``, ``depth``,
+    ``collections``."""
+    values = _pooled(base)
+    return {
+        "measure": MEASURE, "ndcg@10": _mean(values), "tau_bm25": mean_tau(base), "queries": len(values),
+        "per_collection": {name: _mean(list(scored.ndcg.values())) for name, scored in base.items()},
+        "depth": max(len(c) for col in collections for c in col.first_stage.candidates.values()),
+        "collections": [c.name for c in collections],
+    }
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -116,10 +180,12 @@ def run_ablation(
     Args:
         mode: ``renormalise`` (the removed keys leave the softmax) or ``zero`` (the paper's post-softmax zeroing);
             see :meth:`Ablation.apply`.
+        ablations: What to run (default :func:`.directions.all_ablations`: the 25 directions and the groups in all,
+            the lower and the upper layers).
 
     Returns:
-        The records of ``ablation.json``: ``from``, ``to`` (``group`` too for a group), ``layers``, ``mode``,
-        ``ndcg@10``, ``delta``, ``p``, ``p_holm``, per-collection means and ``unchanged``.
+        The records of ``ablation.json``: ``from``, ``to`` (``group`` too for a group), ``layers``, ``mode``, the
+        fields of :func:`measure_variant`, ``p_holm`` and ``unchanged``.
     """
     model = scorer.model
     require_sparse_ce(model)
@@ -128,7 +194,6 @@ def run_ablation(
     score = collection_scorer(scorer, collections)
     started = time.perf_counter()
     base = score()
-    base_values = _pooled(base)
     records, ablations = [], ablations or all_ablations()
     try:
         for ablation in tqdm(ablations, desc="ablations", unit="variant"):
@@ -139,28 +204,13 @@ def run_ablation(
             else:
                 set_pattern(model, pattern)
                 result = score()
-            values = _pooled(result)
-            records.append({
-                **ablation.record(),
-                "mode": mode,
-                "ndcg@10": _mean(values),
-                "delta": _mean(values) - _mean(base_values),
-                "p": paired_p(values, base_values),
-                "per_collection": {name: _mean(list(per.values())) for name, per in result.items()},
-                "unchanged": unchanged,
-            })
+            records.append({**ablation.record(), "mode": mode, **measure_variant(result, base), "unchanged": unchanged})
     finally:
         model.config.attention_pattern = original
     for record, adjusted in zip(records, holm([r["p"] for r in records])):
         record["p_holm"] = adjusted
     seconds = time.perf_counter() - started
-    summary = {
-        "measure": MEASURE, "ndcg@10": _mean(base_values), "queries": len(base_values),
-        "per_collection": {name: _mean(list(per.values())) for name, per in base.items()},
-        "depth": max(len(c) for col in collections for c in col.first_stage.candidates.values()),
-        "collections": [c.name for c in collections], "seconds": seconds,
-        "num_layers": len(base_layers), "mode": mode,
-    }
+    summary = {**base_summary(base, collections), "seconds": seconds, "num_layers": len(base_layers), "mode": mode}
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "ablation.json").write_text(json.dumps(records, indent=1) + "\n")
     (output_dir / "ablation-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -170,9 +220,9 @@ def run_ablation(
     return records
 
 
-def _pooled(result: dict[str, dict[str, float]]) -> list[float]:
-    """Per-query values of all collections in one fixed order (collection, then query id)."""
-    return [result[name][qid] for name in sorted(result) for qid in sorted(result[name])]
+def _pooled(result: dict[str, Scored]) -> list[float]:
+    """Per-query nDCG@10 of all collections in one fixed order (collection, then query id)."""
+    return [result[name].ndcg[qid] for name in sorted(result) for qid in sorted(result[name].ndcg)]
 
 
 def _mean(values: list[float]) -> float:

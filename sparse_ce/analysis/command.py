@@ -1,7 +1,8 @@
 """``sparse-ce analyze {ablate,heads,svd}``: the matching-mechanism analysis as commands.
 
 "Understanding Matching Mechanisms in Cross-Encoders" (arXiv 2507.14604). Each sub-command writes JSON, a Markdown
-table (ablate) and PNG figures into ``--output-dir``; see :mod:`.ablate`, :mod:`.heads` and :mod:`.svd`.
+table (ablate) and PNG figures into ``--output-dir``; see :mod:`.ablate` (``--heads``: :mod:`.head_ablation`),
+:mod:`.heads` and :mod:`.svd`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from ..eval.evaluate import truncate
 from ..options import DEFAULT_DATA, add_model, add_renamed, model_of
 from ..rank.rerank import add_scoring_arguments, check_queries, make_scorer
 from ..runtime import set_threads
-from .directions import ABLATION_MODES
+from .directions import ABLATION_MODES, ABLATION_SETS
+from .head_ablation import parse_head
 
 DEFAULT_DEPTH = 20  # not options.DEFAULT_DEPTH (100): ablation scores each collection once per variant
 """Candidates re-ranked per query by ``ablate``: 88 variants of DL19's 43 queries at depth 20 fit in ~30 minutes on
-two CPU cores (most variants run on the dense backend)."""
+two CPU cores (most variants run on the dense backend); the default sets are 93 variants, ``--sets directions-all``
+26."""
+DEFAULT_SETS = ("directions", "groups")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +48,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ablate.add_argument("--mode", choices=ABLATION_MODES, default="renormalise",
                         help="renormalise: the removed keys leave the softmax (default); zero: their weights are set "
                         "to 0 after it, as the paper does (dense backend)")
+    ablate.add_argument("--sets", nargs="+", choices=ABLATION_SETS, metavar="SET",
+                        help="which direction ablations run: directions (the 25 in all / lower / upper layers), groups "
+                        "(every group in all three), directions-all (the 25 in all layers only); default: directions "
+                        "groups, or none with --heads")
+    ablate.add_argument("--heads", nargs="+", type=parse_head, metavar="L.H",
+                        help="remove these attention heads together (0-based layer.head, e.g. 2.9) and score once: "
+                        "heads-ablation.json and heads-ablation.md")
+    ablate.add_argument("--random-heads", type=positive_int, default=0, metavar="N",
+                        help="with --heads: N random draws of as many heads from the same layers, each scored")
+    ablate.add_argument("--seed", type=int, default=0, help="of the random heads (default 0)")
     add_scoring_arguments(ablate)
     heads.add_argument("--per-class", type=int, default=4, metavar="N",
                        help="passages per class (relevant, hard and easy negatives) and query (default 4)")
@@ -96,18 +110,7 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(f"--collections: {error}") from error
     if args.analysis == "ablate":
-        from .ablate import run_ablation
-
-        for collection in collections:  # every query checked before the weights load
-            check_queries(args.model, collection.first_stage, args)
-        scorer = make_scorer(args.model, args, progress=False)
-        try:
-            run_ablation(scorer, collections, args.output_dir, mode=args.mode)
-        except ValueError as error:
-            raise UsageError(str(error)) from error
-        print((args.output_dir / "ablation.md").read_text())
-        print(f"ablation.json, ablation.md and ablation.png in {args.output_dir}")
-        return 0
+        return _ablate(args, collections)
     from .heads import run_heads, sample_pairs
 
     model = _load(args.model)
@@ -118,6 +121,36 @@ def _run(args: argparse.Namespace) -> int:
             top = ", ".join(f"{r['layer']}/{r['head']} ({r[field]:+.3f})" for r in ranking[:5])
             print(f"{direction}: top heads (layer/head, relevant − {negatives} max attention): {top}")
     print(f"heads.json and heads-*.png in {args.output_dir}")
+    return 0
+
+
+def _ablate(args: argparse.Namespace, collections) -> int:
+    """The direction sets (``--sets``) and, with ``--heads``, the head ablation, on one loaded model."""
+    from .ablate import run_ablation
+    from .directions import all_ablations
+    from .head_ablation import head_draws, run_head_ablation
+
+    if args.random_heads and not args.heads:
+        raise UsageError("--random-heads: draws as many heads as --heads names; give --heads too")
+    sets = args.sets or ([] if args.heads else DEFAULT_SETS)
+    for collection in collections:  # every query checked before the weights load
+        check_queries(args.model, collection.first_stage, args)
+    scorer = make_scorer(args.model, args, progress=False)
+    written = []
+    try:
+        if args.heads:  # a bad head is refused before any scoring
+            head_draws(scorer.model, args.heads, args.random_heads, args.seed)
+        if sets:
+            run_ablation(scorer, collections, args.output_dir, all_ablations(sets), mode=args.mode)
+            print((args.output_dir / "ablation.md").read_text())
+            written += ["ablation.json", "ablation-summary.json", "ablation.md", "ablation.png"]
+        if args.heads:
+            run_head_ablation(scorer, collections, args.output_dir, args.heads, args.random_heads, args.seed)
+            print((args.output_dir / "heads-ablation.md").read_text())
+            written += ["heads-ablation.json", "heads-ablation.md"]
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    print(f"{', '.join(f for f in written if (args.output_dir / f).is_file())} in {args.output_dir}")
     return 0
 
 

@@ -19,17 +19,33 @@ PAPER_LABELS = {"cls": "CLS", "query": "Q", "sep1": "SEP1", "doc": "D", "sep2": 
 """The paper's short names (its tables write a direction as row → column: attending → attended)."""
 
 QUERY_SIDE, DOC_SIDE = ("query", "sep1"), ("doc", "sep2")
+QUERY_TO_DOC = [(a, b) for a in QUERY_SIDE for b in DOC_SIDE]
+DOC_TO_QUERY = [(a, b) for a in DOC_SIDE for b in QUERY_SIDE]
+CONTENT_SIDES = QUERY_SIDE + DOC_SIDE  # every segment but [CLS]
 
 GROUPS: dict[str, list[tuple[str, str]]] = {
-    "query side attends to document side": [(a, b) for a in QUERY_SIDE for b in DOC_SIDE],
-    "document side attends to query side": [(a, b) for a in DOC_SIDE for b in QUERY_SIDE],
+    "query side attends to document side": QUERY_TO_DOC,
+    "document side attends to query side": DOC_TO_QUERY,
     "every cross-segment direction": [(a, b) for a in SEGMENT_NAMES for b in SEGMENT_NAMES if a != b],
     "every direction into a [SEP]": [(a, b) for a in SEGMENT_NAMES for b in ("sep1", "sep2")],
+    "query side and document side attend to each other": QUERY_TO_DOC + DOC_TO_QUERY,
+    "query/document cut with the [CLS] bridge closed": QUERY_TO_DOC + DOC_TO_QUERY + [("cls", b) for b in CONTENT_SIDES],
 }
-"""The paper's groups of directions as (attending, attended) pairs; the query side is query + [SEP]1, the document
-side document + [SEP]2."""
+"""Groups of directions as (attending, attended) pairs; the query side is query + [SEP]1, the document side
+document + [SEP]2. The first four are the paper's. "Attend to each other" removes both one-way groups at once; the
+sides still meet through [CLS], a bridge: [CLS] sees the query and the document sees [CLS] (and the other way round),
+so query information reaches the document one layer later. The "[CLS] bridge closed" cut also removes "[CLS] attends
+to" query, [SEP]1, document and [SEP]2 ([CLS] attends to itself only): no route query -> [CLS] -> document or back is
+left, while every segment may still attend to [CLS] and to its own side's [SEP] as sinks. Cut in every layer, the
+``cosine`` score head (mean query vs mean document state) compares a query and a document encoded apart, as a
+bi-encoder would; a head that reads [CLS] (``cls``, ``cls-cosine``) gets the same [CLS] state for every pair, so all
+candidates of a query score the same."""
 
 LAYER_RANGES = ("all", "lower", "upper")
+
+ABLATION_SETS = ("directions", "groups", "directions-all")
+"""What ``analyze ablate --sets`` can run: the 25 directions in all / lower / upper layers, the groups in all three,
+or the 25 directions in all layers only."""
 
 
 def describe(src: str, dst: str) -> str:
@@ -90,10 +106,16 @@ class Ablation:
                 "layers": self.layers}
 
 
-def all_ablations() -> list[Ablation]:
-    """The 25 directions and the groups, each in all, the lower and the upper layers."""
+def all_ablations(sets: tuple[str, ...] | list[str] = ("directions", "groups")) -> list[Ablation]:
+    """The ablations of ``sets`` (see :data:`ABLATION_SETS`; default the 25 directions and the groups, each in all,
+    the lower and the upper layers), layer range by layer range, each once."""
+    unknown = [name for name in sets if name not in ABLATION_SETS]
+    if unknown:
+        raise ValueError(f"sets: expected some of {ABLATION_SETS}, got {unknown}")
     out = []
     for layers in LAYER_RANGES:
-        out += [Ablation(describe(a, b), ((a, b),), layers) for a in SEGMENT_NAMES for b in SEGMENT_NAMES]
-        out += [Ablation(name, tuple(pairs), layers, group=name) for name, pairs in GROUPS.items()]
+        if "directions" in sets or ("directions-all" in sets and layers == "all"):
+            out += [Ablation(describe(a, b), ((a, b),), layers) for a in SEGMENT_NAMES for b in SEGMENT_NAMES]
+        if "groups" in sets:
+            out += [Ablation(name, tuple(pairs), layers, group=name) for name, pairs in GROUPS.items()]
     return out

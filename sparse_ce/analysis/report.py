@@ -1,5 +1,6 @@
-"""Tables and figures of the matching-mechanism analysis: the ablation table laid out like the paper's Table 1,
-5x5 Δ-nDCG@10 heatmaps per layer range, layers x heads heatmaps and the SVD scatter plot.
+"""Tables and figures of the matching-mechanism analysis: the ablation table laid out like the paper's Table 1 (and
+the groups with Kendall's tau), the head-ablation table, 5x5 Δ-nDCG@10 heatmaps per layer range, layers x heads
+heatmaps and the SVD scatter plot.
 
 "Understanding Matching Mechanisms in Cross-Encoders" (arXiv 2507.14604), Table 1 and Figures 2-4.
 """
@@ -31,17 +32,23 @@ def _cell(record: dict) -> str:
     return f"{record['ndcg@10']:.3f} ({record['delta']:+.3f}){star}"
 
 
+def _tau(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
 def ablation_markdown(records: list[dict], summary: dict) -> str:
-    """One 5x5 table per layer range (rows attend, columns are attended), then the groups."""
+    """One 5x5 table per layer range that has directions (rows attend, columns are attended), then the groups: by
+    layer range, then one row each with Kendall's tau."""
     layers = summary["num_layers"]
-    lines = [
+    lines = [(
         f"Unablated model: nDCG@10 {summary['ndcg@10']:.3f} over {summary['queries']} queries "
-        f"({', '.join(summary['collections'])}, top-{summary['depth']} re-ranked). Cells: nDCG@10 with the direction "
-        "removed (Δ to the unablated model); * Holm-corrected paired t-test p < 0.05; (off): the model's own pattern "
-        "already lacks the direction in those layers, so nothing changes.",
-    ]
+        f"({', '.join(summary['collections'])}, top-{summary['depth']} re-ranked; Kendall's τ to BM25's order "
+        f"{_tau(summary.get('tau_bm25'))}). Cells: nDCG@10 with the direction removed (Δ to the unablated model); "
+        "* Holm-corrected paired t-test p < 0.05; (off): the model's own pattern already lacks the direction in those "
+        "layers, so nothing changes."
+    )]
     singles = {(r["from"], r["to"], r["layers"]): r for r in records if "group" not in r}
-    for scope in LAYER_RANGES:
+    for scope in (s for s in LAYER_RANGES if any(k[2] == s for k in singles)):
         span = layers_of(scope, layers)
         lines += ["", f"**{scope} layers** ({span[0]}-{span[-1]}): row attends to column", ""]
         lines.append("| attends to → | " + " | ".join(LABELS[b] for b in SEGMENT_NAMES) + " |")
@@ -56,14 +63,45 @@ def ablation_markdown(records: list[dict], summary: dict) -> str:
         for name in dict.fromkeys(r["group"] for r in groups):
             by_scope = {r["layers"]: r for r in groups if r["group"] == name}
             lines.append(f"| {name} | " + " | ".join(_cell(by_scope[s]) if s in by_scope else "–" for s in LAYER_RANGES) + " |")
+        lines += ["", ("Groups with Kendall's τ (mean over queries) of the ablated ranking to BM25's order and to the "
+                       "unablated model's:"), "", "| group | layers | nDCG@10 | Δ | τ vs BM25 | τ vs unablated |",
+                  "|---|---|---|---|---|---|"]
+        for r in groups:
+            star = "*" if r["p_holm"] < ALPHA else ""
+            lines.append(f"| {r['group']} | {r['layers']} | {r['ndcg@10']:.3f} | {r['delta']:+.3f}{star} | "
+                         f"{_tau(r['tau_bm25'])} | {_tau(r['tau_base'])} |")
+    return "\n".join(lines)
+
+
+def heads_ablation_markdown(result: dict) -> str:
+    """The named heads and the random draws' Δ range, with Kendall's tau."""
+    base, named, drawn = result["unablated"], result["named"], result["random"]
+    lines = [
+        (f"Unablated model: nDCG@10 {base['ndcg@10']:.3f} over {base['queries']} queries "
+         f"({', '.join(base['collections'])}, top-{base['depth']} re-ranked; Kendall's τ to BM25's order "
+         f"{_tau(base['tau_bm25'])}). Heads are layer.head, 0-based; p: paired t-test against the unablated model."),
+        "", "| heads removed | nDCG@10 | Δ | p | τ vs BM25 | τ vs unablated |", "|---|---|---|---|---|---|",
+    ]
+    for label, r in [(", ".join(named["heads"]), named)] + [(f"random {i}: {', '.join(r['heads'])}", r)
+                                                          for i, r in enumerate(drawn["draws"])]:
+        lines.append(f"| {label} | {r['ndcg@10']:.3f} | {r['delta']:+.3f} | {r['p']:.3g} | {_tau(r['tau_bm25'])} | "
+                     f"{_tau(r['tau_base'])} |")
+    if drawn["draws"]:
+        n = len(drawn["draws"])
+        lines += ["", (f"Random heads ({n} draws, seed {result['seed']}; per layer as many as named, none named): "
+                       f"Δ mean {drawn['delta_mean']:+.3f}, min {drawn['delta_min']:+.3f}, max {drawn['delta_max']:+.3f}; "
+                       f"{named['random_at_least_as_damaging']} of {n} did at least as much damage as the named heads "
+                       f"(empirical p {named['empirical_p']:.3g}).")]
     return "\n".join(lines)
 
 
 def ablation_heatmap(records: list[dict], summary: dict, path: Path) -> None:
-    """5x5 Δ nDCG@10 per layer range (rows attend, columns are attended)."""
-    plt = _pyplot()
+    """5x5 Δ nDCG@10 per layer range (rows attend, columns are attended); no file when no single direction ran."""
     singles = {(r["from"], r["to"], r["layers"]): r for r in records if "group" not in r}
     scopes = [s for s in LAYER_RANGES if any(k[2] == s for k in singles)]
+    if not scopes:
+        return
+    plt = _pyplot()
     deltas = [r["delta"] for r in singles.values()] or [0.0]
     limit = max(abs(min(deltas)), abs(max(deltas)), 1e-3)
     fig, axes = plt.subplots(1, len(scopes), figsize=(4.2 * len(scopes) + 1.2, 4.4), squeeze=False)
