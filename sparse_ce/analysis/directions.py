@@ -30,6 +30,8 @@ GROUPS: dict[str, list[tuple[str, str]]] = {
     "every direction into a [SEP]": [(a, b) for a in SEGMENT_NAMES for b in ("sep1", "sep2")],
     "query side and document side attend to each other": QUERY_TO_DOC + DOC_TO_QUERY,
     "query/document cut with the [CLS] bridge closed": QUERY_TO_DOC + DOC_TO_QUERY + [("cls", b) for b in CONTENT_SIDES],
+    "query/document cut, [CLS] reads both but is read by neither": QUERY_TO_DOC + DOC_TO_QUERY + [
+        (a, "cls") for a in CONTENT_SIDES],
 }
 """Groups of directions as (attending, attended) pairs; the query side is query + [SEP]1, the document side
 document + [SEP]2. The first four are the paper's. "Attend to each other" removes both one-way groups at once; the
@@ -39,7 +41,8 @@ to" query, [SEP]1, document and [SEP]2 ([CLS] attends to itself only): no route 
 left, while every segment may still attend to [CLS] and to its own side's [SEP] as sinks. Cut in every layer, the
 ``cosine`` score head (mean query vs mean document state) compares a query and a document encoded apart, as a
 bi-encoder would; a head that reads [CLS] (``cls``, ``cls-cosine``) gets the same [CLS] state for every pair, so all
-candidates of a query score the same."""
+candidates of a query score the same. The third cut closes the bridge the other way: [CLS] still reads both sides,
+but no content token reads [CLS], so the sides stay apart and only a head that reads [CLS] can compare them there."""
 
 LAYER_RANGES = ("all", "lower", "upper")
 
