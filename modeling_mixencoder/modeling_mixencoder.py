@@ -99,9 +99,12 @@ class ContextCompressor(nn.Module):
             states = bert(inputs_embeds=embeds, attention_mask=full_mask.long(), token_type_ids=torch.zeros_like(full_mask, dtype=torch.long)).last_hidden_state
             return states[:, :k]
         states = bert(input_ids=input_ids, attention_mask=mask.long(), token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
-        codes = self.vectors[None, None].expand(n, 1, -1, -1).to(states.dtype)  # [n, 1 head, k, hidden]
-        out = attend(codes, states[:, None], states[:, None], mask, self.scaling)
-        return out[:, 0]
+        return self.pool(states, mask)
+
+    def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """C-strategy: the k codes attend over a candidate's final states ``[n, len, hidden]`` -> ``[n, k, hidden]``."""
+        codes = self.vectors[None, None].expand(states.shape[0], 1, -1, -1).to(states.dtype)  # [n, 1 head, k, hidden]
+        return attend(codes, states[:, None], states[:, None], mask, self.scaling)[:, 0]
 
 
 class MixEncoderPreTrainedModel(HubFolderMixin, BertPreTrainedModel):

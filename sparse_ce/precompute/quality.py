@@ -1,0 +1,111 @@
+"""Ranking quality of a MixEncoder against the dual encoder with the same weights, with a paired test and its power.
+
+Wang et al.: "Once is Enough: A Lightweight Cross-Attention for Fast Sentence Pair Modeling", Table 2 compares each
+MixEncoder with Dual-BERT. Here both score the BM25 top-100 of TREC DL19 and DL20 (test sets, never trained on) from
+the same encoder weights: the MixEncoder from its context embeddings E (exactly what a candidate store holds; the
+store route equals this within 1e-5, tests), the dual encoder by the cosine of the mean-pooled query and candidate.
+Per-query nDCG@10 differences get a two-sided paired t-test, the smallest true difference it would detect with 80%
+power, and a TOST equivalence test within ±``bound`` (:mod:`sparse_ce.eval.equivalence`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import ir_measures
+import torch
+from scipy import stats
+
+from ..data import read_dl_json, read_qrels
+from ..eval.equivalence import equivalence_summary
+
+COLLECTIONS = {"dl19": "2019", "dl20": "2020"}
+MEASURE = ir_measures.nDCG @ 10
+
+
+@torch.inference_mode()
+def candidate_vectors(model, tokenizer, texts: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context embeddings ``[n, k, hidden]`` (as a store holds them) and dual-encoder vectors ``[n, hidden]`` (mean of
+    the encoder's final states) of ``texts``, cut to ``max_candidate_length`` as a store cuts them. The C-strategy
+    shares one encoder pass; the S-strategy (special tokens in the input) needs a second, plain one."""
+    from modeling_mixencoder.modeling_mixencoder import masked_mean
+
+    context, dual = [], []
+    for start in range(0, len(texts), batch_size):
+        inputs = tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
+                           max_length=model.config.max_candidate_length, return_tensors="pt").to(model.device)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+        states = model.bert(input_ids=ids, attention_mask=mask.long(), token_type_ids=torch.zeros_like(ids)).last_hidden_state
+        dual.append(masked_mean(states, mask).float())
+        if model.config.context_strategy == "C":
+            context.append(model.context.pool(states, mask).float())
+        else:
+            context.append(model.encode_candidates(ids, mask).float())
+    return torch.cat(context), torch.cat(dual)
+
+
+@torch.inference_mode()
+def per_query_quality(model, tokenizer, data: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """``{system: {collection: {qid: nDCG@10}}}`` for ``mixencoder`` and ``dual-encoder`` on DL19 and DL20 (judged
+    queries, BM25 top-100)."""
+    model.eval()
+    out: dict[str, dict[str, dict[str, float]]] = {"mixencoder": {}, "dual-encoder": {}}
+    for name in COLLECTIONS:
+        stage = read_dl_json(data / "trec-dl" / f"bm25_top100_{name}.json")
+        qrels = read_qrels(data / "trec-dl" / f"qrels.{name}-passage.txt")
+        judged = {q.query_id for q in qrels}
+        corpus = {c.docid: c.text for qid, hits in stage.candidates.items() if qid in judged for c in hits}
+        docids = list(corpus)
+        context, dual = candidate_vectors(model, tokenizer, [corpus[d] for d in docids])
+        row = {d: i for i, d in enumerate(docids)}
+        runs: dict[str, list] = {"mixencoder": [], "dual-encoder": []}
+        for qid, hits in stage.candidates.items():
+            if qid not in judged:
+                continue
+            inputs = tokenizer(stage.queries[qid], return_tensors="pt").to(model.device)
+            queries = model.encode_queries(inputs["input_ids"], inputs["attention_mask"])
+            index = torch.tensor([row[c.docid] for c in hits])
+            mix = model.score_candidates(queries, context[index].to(model.device, model.dtype))[:, 0].float().cpu()
+            cos = torch.nn.functional.cosine_similarity(dual[index], queries.pooled.float().cpu(), dim=-1)
+            for system, scores in (("mixencoder", mix), ("dual-encoder", cos)):
+                runs[system] += [ir_measures.ScoredDoc(qid, c.docid, float(s)) for c, s in zip(hits, scores)]
+        for system, run in runs.items():
+            out[system][name] = {m.query_id: m.value for m in ir_measures.iter_calc([MEASURE], qrels, run)}
+    return out
+
+
+def detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean difference a two-sided paired t-test on ``n`` differences of spread ``sd`` detects with
+    ``power`` (noncentral t; bisection)."""
+    if n < 2 or sd <= 0:
+        return float("nan")
+    critical = stats.t.ppf(1 - alpha / 2, n - 1)
+
+    def power_at(delta: float) -> float:
+        ncp = delta / (sd / math.sqrt(n))
+        return float(stats.nct.sf(critical, n - 1, ncp) + stats.nct.cdf(-critical, n - 1, ncp))
+
+    low, high = 0.0, 10 * sd
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if power_at(mid) < power else (low, mid)
+    return high
+
+
+def paired_comparison(system: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]],
+                      bound: float = 0.02) -> dict:
+    """Mean nDCG@10 of both, the mean difference, its paired t-test p, the difference detectable with 80% power, and
+    a TOST within ±``bound`` (per-query values of every collection pooled)."""
+    keys = [(c, q) for c in sorted(baseline) for q in sorted(baseline[c])]
+    a = [system[c][q] for c, q in keys]
+    b = [baseline[c][q] for c, q in keys]
+    differences = [x - y for x, y in zip(a, b)]
+    n = len(differences)
+    p = 1.0 if all(d == 0 for d in differences) else float(stats.ttest_rel(a, b).pvalue)
+    summary = equivalence_summary(differences, bound)
+    return {"queries": n, "system": sum(a) / n, "baseline": sum(b) / n, "delta": sum(differences) / n, "p": p,
+            "detectable_at_80": detectable_difference(summary.get("sd", 0.0), n), "tost_bound": bound,
+            "tost_p": summary["tost_p"], "tost_power_at_zero": summary.get("power_at_zero"),
+            "per_collection": {c: {"system": sum(system[c].values()) / len(system[c]),
+                                   "baseline": sum(baseline[c].values()) / len(baseline[c])} for c in baseline}}
