@@ -14,7 +14,7 @@ def test_precomputed_bench_times_every_system_and_measures_quality(tmp_path, cap
     mixes = [make_mixencoder_folder(tmp_path / f"mix-k{k}", k=k, layers=(1,)) for k in (1, 2)]
     (tmp_path / "quality.json").write_text(json.dumps({"sparse-ce-w4": {"dl19": 0.5, "dl20": 0.4}}))
     assert main(["bench", "--precomputed", "--mix-models", *map(str, mixes), "--candidates", str(len(PASSAGES)),
-                 "--timed-queries", "2", "--threads", "1", "--data", str(data), "--quality", str(tmp_path / "quality.json"),
+                 "--timed-queries", "2", "--cross-timed-queries", "1", "--threads", "1", "--data", str(data), "--quality", str(tmp_path / "quality.json"),
                  "--output-dir", str(tmp_path / "out")]) == 0
     results = json.loads((tmp_path / "out" / "precomputed.json").read_text())
     systems = results["systems"]
@@ -26,7 +26,17 @@ def test_precomputed_bench_times_every_system_and_measures_quality(tmp_path, cap
         assert set(systems[name]["quality"]) == {"dl19", "dl20"} and 0 <= systems[name]["quality"]["dl19"] <= 1
     assert systems["sparse-ce-w4"]["quality"] == {"dl19": 0.5, "dl20": 0.4} and "quality" not in systems["full-attention"]
     assert (tmp_path / "out" / "precomputed.png").is_file()
-    assert "| mixencoder-k2 |" in capsys.readouterr().out
+    assert systems["sparse-ce-w4"]["quality_of_other_model"] and "other model" in results["quality_source"]["sparse-ce-w4"]
+    for name in ("mixencoder-k1", "mixencoder-k2"):  # spread, the time split and the paired test
+        entry = systems[name]
+        assert entry["timed_queries"] == 2 and entry["q1"] <= entry["seconds"] <= entry["q3"]
+        parts = entry["breakdown"]
+        assert parts["interaction_gflop"] > 0 and parts["gemm_gflops"] > 0 and parts["interaction"] > 0
+        assert entry["vs_dual_encoder"]["queries"] >= 2 and -1 <= entry["vs_dual_encoder"]["delta"] <= 1
+    assert systems["dual-encoder"]["vs_dual_encoder_time"] == 1.0
+    assert results["protocol"]["max_query_length"] == 64
+    out = capsys.readouterr().out
+    assert "| mixencoder-k2 |" in out and "interaction + head (ms)" in out
 
 
 def test_precomputed_bench_needs_mixencoders(tmp_path, capsys):

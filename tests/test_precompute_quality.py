@@ -51,3 +51,26 @@ def test_detectable_difference_is_where_the_power_reaches_80_percent():
     ncp = delta / (sd / math.sqrt(n))
     assert stats.nct.sf(critical, n - 1, ncp) + stats.nct.cdf(-critical, n - 1, ncp) == pytest.approx(0.8, abs=1e-6)
     assert delta == pytest.approx((1.96 + 0.84) * sd / math.sqrt(n), rel=0.03)  # the normal approximation
+
+
+@pytest.mark.parametrize("block", ["authors", "light"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_interaction_macs_equal_the_counted_flops(tmp_path, block, k):
+    """The analytic count behind docs/precompute.md's floor equals torch's FLOP counter on score_candidates."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sparse_ce.precompute.timing import interaction_macs
+    from tiny import TINY_MODEL
+
+    from modeling_mixencoder import MixEncoderConfig
+
+    config = MixEncoderConfig(**{**TINY_MODEL, "vocab_size": 100}, num_context=k, interaction_layers=[0, 1],
+                              interaction_block=block)
+    model = MixEncoderForSequenceClassification(config).eval()
+    ids = torch.randint(5, 100, (1, 7))
+    with torch.no_grad():
+        queries = model.encode_queries(ids, torch.ones_like(ids))
+        context = torch.randn(11, k, config.hidden_size)
+        with FlopCounterMode(display=False) as counter:
+            model.score_candidates(queries, context)
+    assert counter.get_total_flops() == 2 * 11 * interaction_macs(config, 7)
