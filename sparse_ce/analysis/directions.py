@@ -1,10 +1,10 @@
 """The 25 directions between the five segments, the paper's groups of them, and layer ranges.
 
-"Understanding Matching Mechanisms in Cross-Encoders" (arXiv 2507.14604), Section 3 / Table 1: a direction a→b means
-"tokens of a attend to tokens of b"; removing it takes b's keys out of a's softmax (the row renormalises over what is
-left). Names are spelled out everywhere ("query attends to document") because "Q→D" is read both ways in the
-literature.
-"""
+"Understanding Matching Mechanisms in Cross-Encoders" (arXiv 2507.14604), Section 3 / Table 1. A direction is a pair
+(a, b) and always reads "tokens of a attend to tokens of b" (a's rows of the attention matrix, b's keys); removing it
+takes b's keys out of a's softmax (``renormalise``) or zeroes those weights after it (``zero``). No arrows: the
+paper's arrows are information flow ("X→Y": Y attends to X, so its "D→Q" is our "query attends to document"), the
+opposite of the row → column reading of an attention matrix; docs/analysis.md states the mapping once."""
 
 from __future__ import annotations
 
@@ -14,9 +14,6 @@ from configuration_sparse_ce import SEGMENT_NAMES, ablate_pattern
 
 LABELS = {"cls": "[CLS]", "query": "query", "sep1": "[SEP]1", "doc": "document", "sep2": "[SEP]2"}
 """Readable names of the segments."""
-
-PAPER_LABELS = {"cls": "CLS", "query": "Q", "sep1": "SEP1", "doc": "D", "sep2": "SEP2"}
-"""The paper's short names (its tables write a direction as row → column: attending → attended)."""
 
 QUERY_SIDE, DOC_SIDE = ("query", "sep1"), ("doc", "sep2")
 QUERY_TO_DOC = [(a, b) for a in QUERY_SIDE for b in DOC_SIDE]
