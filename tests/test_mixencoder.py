@@ -193,6 +193,9 @@ def test_config_rejects_bad_settings_by_name(tokenizer):
         ({"num_context": 0}, "num_context"), ({"context_strategy": "X"}, "context_strategy"),
         ({"interaction_layers": [2]}, "interaction_layers"), ({"interaction_layers": [1, -1]}, "names a layer twice"),
         ({"score_head": "dot"}, "score_head"), ({"max_candidate_length": 2}, "max_candidate_length"),
+        ({"interaction_block": "heavy"}, "interaction_block"), ({"ablation": "without_Q"}, "ablation"),
+        ({"dual_encoder_start": "yes"}, "dual_encoder_start"),
+        ({"interaction_block": "light", "dual_encoder_start": False}, "light block starts from the dual encoder"),
     ):
         with pytest.raises(ValueError, match=message):
             tiny_config(tokenizer, **fields)
