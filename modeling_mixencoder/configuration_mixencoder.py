@@ -85,6 +85,13 @@ class MixEncoderConfig(BertConfig):
                                           "activation_fn": SCORE_ACTIVATION}
         self.validate_mixencoder()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """A saved config without ``interaction_block`` predates the authors' block: its weights are the light block's."""
+        if "num_context" in config_dict and "interaction_block" not in config_dict:
+            config_dict = {**config_dict, "interaction_block": "light"}
+        return super().from_dict(config_dict, **kwargs)
+
     def validate_mixencoder(self) -> None:
         """Raise a ValueError naming the first field that is out of range."""
         if not isinstance(self.num_context, int) or self.num_context < 1:

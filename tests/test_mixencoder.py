@@ -289,3 +289,17 @@ def test_train_st_mixencoder_with_in_batch_negatives_and_distillation(tmp_path):
     assert torch.equal(before["bert.encoder.layer.0.attention.self.query.weight"], after["bert.encoder.layer.0.attention.self.query.weight"])
     assert after["interaction.1.blend"].abs().sum() > 0  # the zero-initialised blend of the authors' block learned
     assert "## Training" in (out / "README.md").read_text()
+
+
+def test_a_folder_saved_before_the_authors_block_loads_as_the_light_block(tmp_path, tokenizer):
+    """Configs written before ``interaction_block`` existed hold light-block weights: they load as such, same scores."""
+    model = random_model(tokenizer, 5, interaction_block="light", interaction_layers=[0, 1])
+    model.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["interaction_block"], config["dual_encoder_start"], config["ablation"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded = MixEncoderForSequenceClassification.from_pretrained(tmp_path / "old").eval()
+    assert loaded.config.interaction_block == "light"
+    pairs = tokenizer(QUERIES, DOCS[:2], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**pairs).logits, model(**pairs).logits)
