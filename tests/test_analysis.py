@@ -45,6 +45,8 @@ def test_ablate_writes_every_direction_and_group(setup):
     assert len(group["from"]) == len(group["to"]) == 20 and "query" in group["from"]
     assert all(-1 <= r["tau_bm25"] <= 1 and -1 <= r["tau_base"] <= 1 for r in records)
     assert off["tau_base"] == 1.0 and off["tau_bm25"] == json.loads((out / "ablation-summary.json").read_text())["tau_bm25"]
+    assert all(r["detectable_at_80"] > 0 for r in records if r["p"] < 1)  # the power of each paired test
+    assert off["detectable_at_80"] is None  # no spread: no power to speak of
     closed = next(r for r in records if r.get("group") == "query/document cut with the [CLS] bridge closed"
                   and r["layers"] == "all")
     assert len(closed["from"]) == 12 and not closed["unchanged"]

@@ -13,7 +13,8 @@ from transformers import AutoTokenizer
 
 from modeling_mixencoder import MixEncoderForSequenceClassification
 from modeling_mixencoder.modeling_mixencoder import masked_mean
-from sparse_ce.precompute.quality import candidate_vectors, detectable_difference, paired_comparison
+from sparse_ce.eval.equivalence import detectable_difference
+from sparse_ce.precompute.quality import candidate_vectors, paired_comparison
 
 TEXTS = ["a flea can live up to a year", "goldfish grow", "sparse attention " * 30, "x"]
 

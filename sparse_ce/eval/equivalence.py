@@ -55,6 +55,24 @@ def queries_for_power(sd: float, bound: float, delta: float = 0.0, alpha: float 
     return high
 
 
+def detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean difference a two-sided paired t-test on ``n`` differences of spread ``sd`` detects with
+    ``power`` (noncentral t; bisection)."""
+    if n < 2 or sd <= 0:
+        return float("nan")
+    critical = stats.t.ppf(1 - alpha / 2, n - 1)
+
+    def power_at(delta: float) -> float:
+        ncp = delta / (sd / math.sqrt(n))
+        return float(stats.nct.sf(critical, n - 1, ncp) + stats.nct.cdf(-critical, n - 1, ncp))
+
+    low, high = 0.0, 10 * sd
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if power_at(mid) < power else (low, mid)
+    return high
+
+
 def equivalence_summary(differences: Sequence[float], bound: float, alpha: float = 0.05) -> dict:
     """Mean Δ, TOST p, the (1 - 2α) interval of Δ, the spread, the power at a true Δ of 0 and the queries that 80%
     power would need."""

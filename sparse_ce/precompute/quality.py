@@ -10,7 +10,6 @@ power, and a TOST equivalence test within ±``bound`` (:mod:`sparse_ce.eval.equi
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import ir_measures
@@ -18,7 +17,7 @@ import torch
 from scipy import stats
 
 from ..data import read_dl_json, read_qrels
-from ..eval.equivalence import equivalence_summary
+from ..eval.equivalence import detectable_difference, equivalence_summary
 
 COLLECTIONS = {"dl19": "2019", "dl20": "2020"}
 MEASURE = ir_measures.nDCG @ 10
@@ -73,24 +72,6 @@ def per_query_quality(model, tokenizer, data: Path) -> dict[str, dict[str, dict[
         for system, run in runs.items():
             out[system][name] = {m.query_id: m.value for m in ir_measures.iter_calc([MEASURE], qrels, run)}
     return out
-
-
-def detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
-    """The smallest true mean difference a two-sided paired t-test on ``n`` differences of spread ``sd`` detects with
-    ``power`` (noncentral t; bisection)."""
-    if n < 2 or sd <= 0:
-        return float("nan")
-    critical = stats.t.ppf(1 - alpha / 2, n - 1)
-
-    def power_at(delta: float) -> float:
-        ncp = delta / (sd / math.sqrt(n))
-        return float(stats.nct.sf(critical, n - 1, ncp) + stats.nct.cdf(-critical, n - 1, ncp))
-
-    low, high = 0.0, 10 * sd
-    for _ in range(60):
-        mid = (low + high) / 2
-        low, high = (mid, high) if power_at(mid) < power else (low, mid)
-    return high
 
 
 def paired_comparison(system: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]],
