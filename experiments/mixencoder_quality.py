@@ -35,7 +35,7 @@ def main() -> int:
             continue
         start = time.perf_counter()
         model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
-        quality = per_query_quality(model, AutoTokenizer.from_pretrained(folder), args.data)
+        quality = per_query_quality(model, AutoTokenizer.from_pretrained(folder, trust_remote_code=True), args.data)
         training = json.loads((folder / "training.json").read_text()) if (folder / "training.json").exists() else {}
         results[folder.name] = {
             "model": str(folder), "config": {k: getattr(model.config, k) for k in (
