@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from configuration_sparse_ce import check_attention_pattern
 
 from ..data.collections import Collection
-from ..eval.equivalence import detectable_difference
+from ..eval.equivalence import detectable_of, paired_p
 from ..rank.scoring import PairScorer
 from .directions import Ablation, all_ablations
 from .report import ablation_heatmap, ablation_markdown
@@ -135,17 +135,11 @@ def measure_variant(result: dict[str, Scored], base: dict[str, Scored]) -> dict:
         "ndcg@10": _mean(values),
         "delta": _mean(values) - _mean(base_values),
         "p": paired_p(values, base_values),
-        "detectable_at_80": _detectable([a - b for a, b in zip(values, base_values)]),
+        "detectable_at_80": detectable_of([a - b for a, b in zip(values, base_values)]),
         "tau_bm25": mean_tau(result),
         "tau_base": mean_tau(result, base),
         "per_collection": {name: _mean(list(scored.ndcg.values())) for name, scored in result.items()},
     }
-
-
-def _detectable(differences: list[float]) -> float | None:
-    """The true mean Δ a paired t-test on these differences' spread finds with 80% power; ``None`` without spread."""
-    spread = float(stats.tstd(differences)) if len(differences) > 1 else 0.0
-    return detectable_difference(spread, len(differences)) if spread > 0 else None
 
 
 def base_summary(base: dict[str, Scored], collections: list[Collection]) -> dict:
@@ -168,16 +162,6 @@ def holm(p_values: list[float]) -> list[float]:
         running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
         adjusted[i] = running
     return adjusted
-
-
-def paired_p(values: list[float], base: list[float]) -> float:
-    """Two-sided paired t-test p-value; 1.0 when the two are identical, 0.0 for a constant non-zero difference."""
-    differences = [a - b for a, b in zip(values, base)]
-    if all(d == 0 for d in differences):
-        return 1.0
-    if len(set(differences)) == 1:
-        return 0.0
-    return float(stats.ttest_rel(values, base).pvalue)
 
 
 def run_ablation(

@@ -73,6 +73,22 @@ def detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float =
     return high
 
 
+def detectable_of(differences: Sequence[float]) -> float | None:
+    """:func:`detectable_difference` at the spread of these paired differences; ``None`` without spread."""
+    spread = float(stats.tstd(differences)) if len(differences) > 1 else 0.0
+    return detectable_difference(spread, len(differences)) if spread > 0 else None
+
+
+def paired_p(values: Sequence[float], base: Sequence[float]) -> float:
+    """Two-sided paired t-test p-value; 1.0 when the two are identical, 0.0 for a constant non-zero difference."""
+    differences = [a - b for a, b in zip(values, base)]
+    if all(d == 0 for d in differences):
+        return 1.0
+    if len(set(differences)) == 1:
+        return 0.0
+    return float(stats.ttest_rel(values, base).pvalue)
+
+
 def equivalence_summary(differences: Sequence[float], bound: float, alpha: float = 0.05) -> dict:
     """Mean Δ, TOST p, the (1 - 2α) interval of Δ, the spread, the power at a true Δ of 0 and the queries that 80%
     power would need."""

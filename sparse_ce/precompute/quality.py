@@ -12,15 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import ir_measures
 import torch
-from scipy import stats
 
-from ..data import read_dl_json, read_qrels
-from ..eval.equivalence import detectable_difference, equivalence_summary
+from ..data.collections import load_collection
+from ..eval.equivalence import detectable_of, equivalence_summary, paired_p
 
-COLLECTIONS = {"dl19": "2019", "dl20": "2020"}
-MEASURE = ir_measures.nDCG @ 10
+COLLECTIONS = ("dl19", "dl20")
 
 
 @torch.inference_mode()
@@ -48,29 +45,30 @@ def candidate_vectors(model, tokenizer, texts: list[str], batch_size: int = 64) 
 def per_query_quality(model, tokenizer, data: Path) -> dict[str, dict[str, dict[str, float]]]:
     """``{system: {collection: {qid: nDCG@10}}}`` for ``mixencoder`` and ``dual-encoder`` on DL19 and DL20 (judged
     queries, BM25 top-100)."""
+    from ..eval.evaluate import measure_run
+
     model.eval()
     out: dict[str, dict[str, dict[str, float]]] = {"mixencoder": {}, "dual-encoder": {}}
     for name in COLLECTIONS:
-        stage = read_dl_json(data / "trec-dl" / f"bm25_top100_{name}.json")
-        qrels = read_qrels(data / "trec-dl" / f"qrels.{name}-passage.txt")
-        judged = {q.query_id for q in qrels}
-        corpus = {c.docid: c.text for qid, hits in stage.candidates.items() if qid in judged for c in hits}
+        collection = load_collection(name, data, data)  # TREC DL brings its BM25 top-100: the cache is not used
+        judged = {q.query_id for q in collection.qrels}
+        stage = collection.first_stage
+        hits_of = {qid: hits for qid, hits in stage.candidates.items() if qid in judged}
+        corpus = {c.docid: c.text for hits in hits_of.values() for c in hits}
         docids = list(corpus)
         context, dual = candidate_vectors(model, tokenizer, [corpus[d] for d in docids])
         row = {d: i for i, d in enumerate(docids)}
-        runs: dict[str, list] = {"mixencoder": [], "dual-encoder": []}
-        for qid, hits in stage.candidates.items():
-            if qid not in judged:
-                continue
+        runs: dict[str, dict[str, list]] = {"mixencoder": {}, "dual-encoder": {}}
+        for qid, hits in hits_of.items():
             inputs = tokenizer(stage.queries[qid], return_tensors="pt").to(model.device)
             queries = model.encode_queries(inputs["input_ids"], inputs["attention_mask"])
             index = torch.tensor([row[c.docid] for c in hits])
             mix = model.score_candidates(queries, context[index].to(model.device, model.dtype))[:, 0].float().cpu()
             cos = torch.nn.functional.cosine_similarity(dual[index], queries.pooled.float().cpu(), dim=-1)
             for system, scores in (("mixencoder", mix), ("dual-encoder", cos)):
-                runs[system] += [ir_measures.ScoredDoc(qid, c.docid, float(s)) for c, s in zip(hits, scores)]
+                runs[system][qid] = [(c.docid, float(s)) for c, s in zip(hits, scores)]
         for system, run in runs.items():
-            out[system][name] = {m.query_id: m.value for m in ir_measures.iter_calc([MEASURE], qrels, run)}
+            out[system][name] = measure_run(collection, run)["per_query"]
     return out
 
 
@@ -83,10 +81,9 @@ def paired_comparison(system: dict[str, dict[str, float]], baseline: dict[str, d
     b = [baseline[c][q] for c, q in keys]
     differences = [x - y for x, y in zip(a, b)]
     n = len(differences)
-    p = 1.0 if all(d == 0 for d in differences) else float(stats.ttest_rel(a, b).pvalue)
     summary = equivalence_summary(differences, bound)
-    return {"queries": n, "system": sum(a) / n, "baseline": sum(b) / n, "delta": sum(differences) / n, "p": p,
-            "detectable_at_80": detectable_difference(summary.get("sd", 0.0), n), "tost_bound": bound,
+    return {"queries": n, "system": sum(a) / n, "baseline": sum(b) / n, "delta": sum(differences) / n,
+            "p": paired_p(a, b), "detectable_at_80": detectable_of(differences), "tost_bound": bound,
             "tost_p": summary["tost_p"], "tost_power_at_zero": summary.get("power_at_zero"),
             "per_collection": {c: {"system": sum(system[c].values()) / len(system[c]),
                                    "baseline": sum(baseline[c].values()) / len(baseline[c])} for c in baseline}}
